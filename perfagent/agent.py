@@ -1,0 +1,125 @@
+"""The agent's state: one object, created by ``init()`` and torn down by ``shutdown()``.
+
+It owns the settings, the metrics, the logger, the end-of-request pipeline and
+every patch, so nothing about the agent lives in mutable module globals.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from time import perf_counter
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from perfagent.config import Settings
+from perfagent.export.logs import make_logger
+from perfagent.export.metrics import Metrics, serving_registry, start_server
+from perfagent.patching import Patch, PostImportHooks
+from perfagent.record import RequestRecord
+
+#: Set by ``perfagent run`` in the server's environment: the runner serves /metrics.
+RUNNER_ENV = "PERFAGENT_RUNNER"
+
+Step = Callable[[RequestRecord], None]
+
+
+class Agent:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.running = True
+        self.log = make_logger(settings.log_format)
+        self.metrics = Metrics(CollectorRegistry(auto_describe=False))
+        self.patches: list[Patch] = []
+        self.import_hooks: list[PostImportHooks] = []
+        self.apps: list[Any] = []  # apps given to init(app), to undo on shutdown
+        self._metrics_server: Any = None
+        self._errors_logged: set[str] = set()
+        self.steps: list[Step] = [self.metrics.request_ended, self._detect_slow]
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self) -> None:
+        if os.environ.get(RUNNER_ENV) or not self.settings.metrics_port:
+            return
+        registry = serving_registry(
+            self.metrics.registry, os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        )
+        try:
+            self._metrics_server = start_server(
+                registry, self.settings.metrics_host, self.settings.metrics_port
+            )
+        except OSError as exc:
+            # Another worker of this app serves it, or the port is taken: the app runs on.
+            self.log.info(
+                "metrics_port_busy",
+                port=self.settings.metrics_port,
+                error=str(exc),
+                pid=os.getpid(),
+            )
+
+    def stop(self) -> None:
+        self.running = False
+        for hooks in self.import_hooks:
+            hooks.remove()
+        for patch in reversed(self.patches):
+            patch.undo()
+        self.patches.clear()
+        for undo in reversed(self.apps):
+            undo()
+        self.apps.clear()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
+
+    def after_fork_in_child(self) -> None:
+        # The parent keeps serving /metrics; a forked worker must not try to.
+        self._metrics_server = None
+
+    # -- per request -------------------------------------------------------
+
+    def finish(self, record: RequestRecord) -> None:
+        """Runs the pipeline once for a request; never raises."""
+        if record.done:
+            return
+        record.done = True
+        if record.end is None:
+            record.end = perf_counter()
+        for step in self.steps:
+            try:
+                step(record)
+            except Exception as exc:
+                self.internal_error(getattr(step, "__qualname__", repr(step)), exc)
+
+    def internal_error(self, where: str, exc: BaseException) -> None:
+        """Counts an error inside the agent and logs it once per place; never raises."""
+        try:
+            self.metrics.dropped.labels("agent_error").inc()
+            if where not in self._errors_logged:
+                self._errors_logged.add(where)
+                self.log.error("agent_error", where=where, error=repr(exc))
+        except Exception:
+            pass
+
+    def _detect_slow(self, record: RequestRecord) -> None:
+        # A stream (SSE, a long download) is judged by its time to first byte.
+        took = (
+            (record.first_byte or record.end or 0.0) - record.start
+            if record.streaming
+            else record.duration
+        )
+        if took < self.settings.slow_s:
+            return
+        self.metrics.count_slow(record)
+        self.log.warning(
+            "slow_request",
+            route=record.route or "",
+            method=record.method,
+            status=record.status,
+            duration_ms=round(took * 1000.0, 3),
+            threshold_ms=self.settings.slow_ms,
+            trace_id=record.trace_id,
+            callsite=None,
+        )

@@ -1,0 +1,208 @@
+"""Settings and where they come from.
+
+Precedence, lowest first: defaults, ``[tool.perfagent]`` in pyproject.toml,
+environment (``PERFAGENT_*`` and the standard ``OTEL_*``), then keywords given to
+``perfagent.init()`` or options given to ``perfagent run``.
+
+Every value is parsed and checked here, once, at start: a bad value raises
+:class:`ConfigError` with one line naming the setting and where it came from, so
+no request ever meets a half-configured agent.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A setting has a value the agent cannot use; the message is one line."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    enabled: bool = True
+    console_url: str = "http://127.0.0.1:6060"
+    metrics_port: int = 9464
+    metrics_host: str = "127.0.0.1"
+    slow_ms: float = 500.0
+    loop_block_ms: float = 100.0
+    nplusone_min: int = 5
+    log_format: str = "console"
+    server_timing: bool = True
+    trace_sample: float = 0.01
+    service_name: str = "unknown_service:python"
+
+    @property
+    def slow_s(self) -> float:
+        return self.slow_ms / 1000.0
+
+
+def _parse_bool(text: Any) -> bool:
+    if isinstance(text, bool):
+        return text
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected 1/0, true/false, yes/no or on/off")
+
+
+def _number(low: float, high: float, *, integer: bool, unit: str) -> Callable[[Any], Any]:
+    def parse(text: Any) -> Any:
+        if isinstance(text, bool):
+            raise ValueError(f"expected {unit}")
+        try:
+            value = int(str(text).strip()) if integer else float(str(text).strip())
+        except ValueError:
+            raise ValueError(f"expected {unit}") from None
+        if not low <= value <= high or value != value:
+            raise ValueError(f"expected {unit} between {low:g} and {high:g}")
+        return value
+
+    return parse
+
+
+def _choice(*allowed: str) -> Callable[[Any], str]:
+    def parse(text: Any) -> str:
+        value = str(text).strip().lower()
+        if value not in allowed:
+            raise ValueError("expected one of " + ", ".join(allowed))
+        return value
+
+    return parse
+
+
+def _http_url(text: Any) -> str:
+    value = str(text).strip().rstrip("/")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected an http:// or https:// URL")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise ValueError("expected an http:// or https:// URL with a valid port") from None
+    return value
+
+
+def _host(text: Any) -> str:
+    value = str(text).strip()
+    if not value or any(c.isspace() for c in value):
+        raise ValueError("expected a host name or IP address")
+    return value
+
+
+def _name(text: Any) -> str:
+    value = str(text).strip()
+    if not value:
+        raise ValueError("expected a non-empty name")
+    return value
+
+
+_PARSERS: dict[str, Callable[[Any], Any]] = {
+    "enabled": _parse_bool,
+    "console_url": _http_url,
+    "metrics_port": _number(0, 65535, integer=True, unit="a port number (0 turns /metrics off)"),
+    "metrics_host": _host,
+    "slow_ms": _number(1, 86_400_000, integer=False, unit="milliseconds"),
+    "loop_block_ms": _number(1, 86_400_000, integer=False, unit="milliseconds"),
+    "nplusone_min": _number(2, 1_000_000, integer=True, unit="a whole number of queries"),
+    "log_format": _choice("console", "json"),
+    "server_timing": _parse_bool,
+    "trace_sample": _number(0, 1, integer=False, unit="a fraction"),
+    "service_name": _name,
+}
+SETTING_NAMES: tuple[str, ...] = tuple(f.name for f in fields(Settings))
+
+
+def env_name(key: str) -> str:
+    return "PERFAGENT_" + key.upper()
+
+
+def _find_pyproject(start: Path) -> Path | None:
+    for folder in (start, *start.parents):
+        candidate = folder / "pyproject.toml"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _from_pyproject(start: Path) -> tuple[dict[str, Any], str]:
+    path = _find_pyproject(start)
+    if path is None:
+        return {}, ""
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"perfagent: cannot read {path}: {exc}") from None
+    table = data.get("tool", {}).get("perfagent", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"perfagent: [tool.perfagent] in {path} must be a table")
+    return table, str(path)
+
+
+def _otel_service_name(environ: Mapping[str, str]) -> str | None:
+    if environ.get("OTEL_SERVICE_NAME", "").strip():
+        return environ["OTEL_SERVICE_NAME"].strip()
+    for item in environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","):
+        key, _, value = item.partition("=")
+        if key.strip() == "service.name" and value.strip():
+            return value.strip()
+    return None
+
+
+def _apply(
+    values: dict[str, Any], source: Mapping[str, Any], describe: Callable[[str], str]
+) -> None:
+    for key, raw in source.items():
+        if key not in _PARSERS:
+            raise ConfigError(f"perfagent: unknown setting {describe(key)}")
+        try:
+            values[key] = _PARSERS[key](raw)
+        except ValueError as exc:
+            raise ConfigError(f"perfagent: {describe(key)}={raw!r} is not valid: {exc}") from None
+
+
+def load_settings(
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Settings:
+    """Build the settings from every source, checking each value once."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+
+    table, pyproject = _from_pyproject(cwd or Path.cwd())
+    _apply(values, table, lambda key: f"[tool.perfagent] {key} in {pyproject}")
+
+    service = _otel_service_name(environ)
+    if service is not None:
+        values["service_name"] = service
+    from_env = {key: environ[env_name(key)] for key in SETTING_NAMES if env_name(key) in environ}
+    _apply(values, from_env, env_name)
+
+    given = {key: value for key, value in (overrides or {}).items() if value is not None}
+    _apply(values, given, lambda key: key)
+    return replace(Settings(), **values)
+
+
+def settings_to_environ(settings: Settings) -> dict[str, str]:
+    """The environment that makes a child process load these same settings."""
+    out: dict[str, str] = {}
+    for key in SETTING_NAMES:
+        value = getattr(settings, key)
+        out[env_name(key)] = ("1" if value else "0") if isinstance(value, bool) else str(value)
+    return out

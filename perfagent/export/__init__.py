@@ -1,0 +1,1 @@
+"""What leaves the process: Prometheus metrics, log events (and, later, OTLP)."""

@@ -1,0 +1,163 @@
+"""The contract's Prometheus metrics, and the endpoint that serves them.
+
+Recording is cheap on purpose: label children are cached by their label values,
+so a request pays one dict lookup and one ``observe`` (about 1-2 µs with
+prometheus-client, its lock included). Under ``perfagent run`` each worker
+writes its values to prometheus-client's multiprocess files and the runner
+alone serves ``/metrics``, so counts are exact across workers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from perfagent._version import __version__
+from perfagent.record import RequestRecord
+
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
+
+
+class Metrics:
+    """The agent's metric objects, registered in a registry of its own."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.request_duration = Histogram(
+            "http_server_request_duration_seconds",
+            "Duration of HTTP server requests, from arrival to the last byte sent.",
+            ["http_request_method", "http_route", "http_response_status_code"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.active_requests = Gauge(
+            "http_server_active_requests",
+            "Number of HTTP server requests in flight.",
+            ["http_request_method"],
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self.slow_requests = Counter(
+            "perfagent_slow_requests",
+            "Requests slower than the slow threshold (time to first byte for streams).",
+            ["http_request_method", "http_route"],
+            registry=registry,
+        )
+        self.dropped = Counter(
+            "perfagent_dropped",
+            "Data the agent dropped rather than slow the app, by what was dropped.",
+            ["what"],
+            registry=registry,
+        )
+        self._duration_children: dict[tuple[str, str, int | None], Any] = {}
+        self._active_children: dict[str, Any] = {}
+        self._slow_children: dict[tuple[str, str], Any] = {}
+
+    def request_started(self, method: str) -> None:
+        child = self._active_children.get(method)
+        if child is None:
+            child = self._active_children[method] = self.active_requests.labels(method)
+        child.inc()
+
+    def request_ended(self, record: RequestRecord) -> None:
+        """Pipeline step: the duration histogram and the in-flight gauge."""
+        method = record.method
+        self._active_children[method].dec()
+        key = (method, record.route or "", record.status)
+        child = self._duration_children.get(key)
+        if child is None:
+            status = "" if record.status is None else str(record.status)
+            child = self.request_duration.labels(key[0], key[1], status)
+            self._duration_children[key] = child
+        child.observe(record.duration)
+
+    def count_slow(self, record: RequestRecord) -> None:
+        key = (record.method, record.route or "")
+        child = self._slow_children.get(key)
+        if child is None:
+            child = self._slow_children[key] = self.slow_requests.labels(*key)
+        child.inc()
+
+
+class BuildInfo:
+    """``perfagent_build_info{version}``, served by whichever process serves /metrics."""
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "perfagent_build_info",
+            "The perfagent version serving these metrics.",
+            labels=["version"],
+        )
+        family.add_metric([__version__], 1)
+        yield family
+
+
+class LiveMultiProcessCollector:
+    """Reads the workers' multiprocess files, first retiring the workers that died.
+
+    prometheus-client keeps a dead worker's ``livesum`` gauge files until
+    ``mark_process_dead`` is called; doing it at scrape time means a worker that
+    gunicorn replaced stops counting in ``http_server_active_requests``.
+    """
+
+    def __init__(self, path: str) -> None:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        self.path = path
+        self._inner = MultiProcessCollector(None, path=path)
+
+    def collect(self) -> Iterator[Metric]:
+        self._retire_dead_workers()
+        yield from self._inner.collect()
+
+    def _retire_dead_workers(self) -> None:
+        from prometheus_client.multiprocess import mark_process_dead
+
+        pids = set()
+        for name in os.listdir(self.path):
+            if name.startswith("gauge_live") and name.endswith(".db"):
+                pid = name[:-3].rpartition("_")[2]
+                if pid.isdigit():
+                    pids.add(int(pid))
+        for pid in pids:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                mark_process_dead(pid, self.path)
+            except PermissionError:
+                pass
+
+
+def serving_registry(
+    own: CollectorRegistry | None, multiprocess_dir: str | None
+) -> CollectorRegistry:
+    """The registry /metrics shows: the workers' files when there are several, else ours."""
+    registry = CollectorRegistry(auto_describe=False)
+    if multiprocess_dir:
+        registry.register(LiveMultiProcessCollector(multiprocess_dir))
+    elif own is not None:
+        registry.register(_Forward(own))
+    registry.register(BuildInfo())
+    return registry
+
+
+class _Forward:
+    """Exposes another registry's metrics inside this one."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._registry.collect()
+
+
+def start_server(registry: CollectorRegistry, host: str, port: int) -> Any:
+    """Serve /metrics on a daemon thread; returns the server (``.shutdown()`` stops it)."""
+    from prometheus_client import start_http_server
+
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server

@@ -1,0 +1,1 @@
+"""One adapter per framework family; nothing downstream knows which framework ran."""

@@ -1,0 +1,72 @@
+"""Which patches make every app instrumented, and ``init(app)`` for one app.
+
+The framework modules are patched when they are first imported (or at once if
+they already are), so importing perfagent never imports a framework the app
+does not use.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+from perfagent.agent import Agent
+from perfagent.frameworks.asgi import AsgiInstrumentation
+from perfagent.frameworks.wsgi import FlaskInstrumentation
+from perfagent.patching import PostImportHooks
+
+
+class Instrumentations:
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.asgi = AsgiInstrumentation(agent)
+        self.flask = FlaskInstrumentation(agent)
+
+    def instrument_all(self) -> None:
+        """Every Flask, FastAPI, Starlette and FastHTML app, created before or after."""
+
+        def guarded(name: str, patch: Any) -> Any:
+            def hook(module: ModuleType) -> None:
+                try:
+                    patch(module)
+                except Exception as exc:
+                    self.agent.internal_error(f"autopatch.{name}", exc)
+
+            return hook
+
+        hooks = PostImportHooks(
+            {
+                "starlette.routing": guarded("starlette.routing", self.asgi.patch_routing),
+                "starlette.applications": guarded(
+                    "starlette", lambda m: self.asgi.patch_class(m.Starlette)
+                ),
+                "fastapi.applications": guarded(
+                    "fastapi", lambda m: self.asgi.patch_class(m.FastAPI)
+                ),
+                "flask.app": guarded("flask", lambda m: self.flask.patch_class(m.Flask)),
+            }
+        )
+        self.agent.import_hooks.append(hooks)
+        hooks.install()
+
+    def instrument_app(self, app: Any) -> None:
+        kind = framework_of(app)
+        if kind == "flask":
+            self.flask.instrument_app(app)
+        elif kind == "starlette":
+            self.asgi.instrument_app(app)
+        else:
+            raise TypeError(
+                f"perfagent.init(app): {type(app).__qualname__} is not a Flask, FastAPI, "
+                "Starlette or FastHTML app"
+            )
+
+
+def framework_of(app: Any) -> str | None:
+    """'flask', 'starlette' or None, by class, without importing either framework."""
+    for cls in type(app).__mro__:
+        if cls.__module__ == "flask.app" and cls.__name__ == "Flask":
+            return "flask"
+        if cls.__module__ == "starlette.applications" and cls.__name__ == "Starlette":
+            return "starlette"
+    return None
