@@ -27,7 +27,7 @@ def add_request_context(_logger: Any, _method: str, event_dict: dict[str, Any]) 
     if record is not None:
         event_dict.setdefault("trace_id", record.trace_id)
         event_dict.setdefault("span_id", record.span_id)
-        event_dict.setdefault("route", record.route)
+        event_dict.setdefault("route", record.route_now())
     return event_dict
 
 
@@ -47,5 +47,5 @@ class RequestContextFilter(logging.Filter):
         else:
             log_record.trace_id = record.trace_id
             log_record.span_id = record.span_id
-            log_record.route = record.route or ""
+            log_record.route = record.route_now() or ""
         return True

@@ -42,6 +42,7 @@ class RequestRecord:
         "first_byte",
         "method",
         "mount_prefix",
+        "resolver",
         "response_start",
         "route",
         "start",
@@ -55,8 +56,10 @@ class RequestRecord:
         self.start = start
         #: The ASGI scope or WSGI environ, kept to read headers only when needed.
         self.carrier = carrier
-        #: Route template; None until the framework has matched one.
+        #: Route template; None until the adapter has settled it at response start.
         self.route: str | None = None
+        #: The adapter's ``resolver(record)``: the route matched so far, or None.
+        self.resolver: Any = None
         #: Route templates of the mounts passed on the way in, joined.
         self.mount_prefix = ""
         self.status: int | None = None
@@ -74,6 +77,15 @@ class RequestRecord:
     def duration(self) -> float:
         """Seconds from arrival to the last byte (or to now, while running)."""
         return (self.end or 0.0) - self.start
+
+    def route_now(self) -> str | None:
+        """The route template, asked of the framework if the response has not started."""
+        if self.route is None and self.resolver is not None:
+            try:
+                return self.resolver(self)
+            except Exception:
+                return None
+        return self.route
 
     @property
     def trace_id(self) -> str:

@@ -9,7 +9,9 @@ alone serves ``/metrics``, so counts are exact across workers.
 
 from __future__ import annotations
 
+import glob
 import os
+import struct
 from collections.abc import Iterator
 from typing import Any
 
@@ -112,7 +114,33 @@ class LiveMultiProcessCollector:
 
     def collect(self) -> Iterator[Metric]:
         self._retire_dead_workers()
-        yield from self._inner.collect()
+        # A worker that is just starting has created its file but not yet sized
+        # it (seen under Flask's reloader): such a file holds no values yet.
+        files = []
+        for path in glob.glob(os.path.join(self.path, "*.db")):
+            try:
+                if os.path.getsize(path) >= 8:
+                    files.append(path)
+            except OSError:
+                pass  # removed since the listing: a worker retired just now
+        try:
+            metrics = self._inner.merge(files, accumulate=True)
+        except (OSError, RuntimeError, struct.error):
+            metrics = self._inner.merge(self._readable(files), accumulate=True)
+        yield from metrics
+
+    @staticmethod
+    def _readable(files: list[str]) -> list[str]:
+        from prometheus_client.mmap_dict import MmapedDict
+
+        good = []
+        for path in files:
+            try:
+                MmapedDict.read_all_values_from_file(path)
+                good.append(path)
+            except (OSError, RuntimeError, struct.error):
+                pass
+        return good
 
     def _retire_dead_workers(self) -> None:
         from prometheus_client.multiprocess import mark_process_dead

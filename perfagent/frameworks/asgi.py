@@ -29,6 +29,15 @@ class RouteTemplates:
 
     def __init__(self) -> None:
         self._cache: dict[int, tuple[Any, str]] = {}
+        self.resolve = self._resolve  # bound once: records point at it without allocating
+
+    def _resolve(self, record: RequestRecord) -> str | None:
+        """The route the router has matched so far for this request, or None."""
+        route = record.carrier.get("route")
+        if route is None:
+            return None
+        template = self.of(route)
+        return record.mount_prefix + template if template else ""
 
     def of(self, route: Any) -> str:
         hit = self._cache.get(id(route))
@@ -72,13 +81,13 @@ class PerfagentASGI:
 
         agent = self._agent
         record = RequestRecord(normalize_method(scope["method"]), perf_counter(), scope)
+        record.resolver = resolve = self._templates.resolve
         token = current.set(record)
         try:
             agent.metrics.request_started(record.method)
         except Exception as exc:
             agent.internal_error("asgi.start", exc)
         server_timing = self._server_timing
-        templates = self._templates
 
         async def send_wrapper(message: Any) -> None:
             kind = message["type"]
@@ -95,9 +104,7 @@ class PerfagentASGI:
                     now = record.response_start = perf_counter()
                     record.status = message["status"]
                     if record.route is None:
-                        route = scope.get("route")
-                        template = templates.of(route) if route is not None else ""
-                        record.route = (record.mount_prefix + template) if template else ""
+                        record.route = resolve(record) or ""
                     if server_timing:
                         value = f"total;dur={(now - record.start) * 1000.0:.3f}".encode()
                         message["headers"] = [*message.get("headers", ()), (_SERVER_TIMING, value)]
@@ -170,7 +177,10 @@ class AsgiInstrumentation:
         import starlette.routing
 
         self.patch_routing(starlette.routing)
-        builder = _stack_builder(self.agent, self.templates, type(app).build_middleware_stack)
+        # Wrap what the app builds now, which may already be another tool's
+        # instance-level wrapper (OpenTelemetry's FastAPIInstrumentor makes one).
+        current_builder = app.build_middleware_stack
+        builder = _stack_builder(self.agent, self.templates, lambda _app: current_builder())
         patch = Patch(app, "build_middleware_stack", MethodType(builder, app))
         app.middleware_stack = None  # rebuilt, with the adapter, on the next request
 

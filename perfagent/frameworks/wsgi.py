@@ -68,6 +68,7 @@ class FlaskInstrumentation:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self._read_rule: Any = None
+        self._resolve: Any = None
 
     def _serve(self, wsgi_app: Any, environ: Any, start_response: Any) -> Any:
         """Wraps one call of a Flask app's ``wsgi_app``."""
@@ -91,6 +92,7 @@ class FlaskInstrumentation:
         record = RequestRecord(
             normalize_method(environ.get("REQUEST_METHOD", "")), perf_counter(), environ
         )
+        record.resolver = self._resolve
         token = current.set(record)
         server_timing = agent.settings.server_timing
         try:
@@ -137,6 +139,13 @@ class FlaskInstrumentation:
     def _ensure_reader(self) -> None:
         if self._read_rule is None:
             self._read_rule = _flask_rule_reader()
+            read_rule = self._read_rule
+
+            def resolve(record: RequestRecord) -> str | None:
+                rule = read_rule()
+                return None if rule is None else rule.rule
+
+            self._resolve = resolve
 
     def patch_class(self, flask_cls: Any) -> None:
         """Every Flask app, created before or after, gets the adapter."""
