@@ -36,6 +36,7 @@ class Agent:
         self.apps: list[Any] = []  # apps given to init(app), to undo on shutdown
         self._metrics_server: Any = None
         self._errors_logged: set[str] = set()
+        self._slow_s = settings.slow_ms / 1000.0  # read per request: a plain attribute
         self.steps: list[Step] = [self.metrics.request_ended, self._detect_slow]
 
     # -- lifecycle ---------------------------------------------------------
@@ -105,12 +106,9 @@ class Agent:
 
     def _detect_slow(self, record: RequestRecord) -> None:
         # A stream (SSE, a long download) is judged by its time to first byte.
-        took = (
-            (record.first_byte or record.end or 0.0) - record.start
-            if record.streaming
-            else record.duration
-        )
-        if took < self.settings.slow_s:
+        end = (record.first_byte or record.end) if record.streaming else record.end
+        took = end - record.start
+        if took < self._slow_s:
             return
         self.metrics.count_slow(record)
         self.log.warning(

@@ -43,10 +43,6 @@ class Settings:
     trace_sample: float = 0.01
     service_name: str = "unknown_service:python"
 
-    @property
-    def slow_s(self) -> float:
-        return self.slow_ms / 1000.0
-
 
 def _parse_bool(text: Any) -> bool:
     if isinstance(text, bool):

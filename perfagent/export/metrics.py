@@ -75,7 +75,7 @@ class Metrics:
             status = "" if record.status is None else str(record.status)
             child = self.request_duration.labels(key[0], key[1], status)
             self._duration_children[key] = child
-        child.observe(record.duration)
+        child.observe(record.end - record.start)
 
     def count_slow(self, record: RequestRecord) -> None:
         key = (record.method, record.route or "")

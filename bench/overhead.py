@@ -1,0 +1,309 @@
+"""Side-by-side overhead benchmark: the bare app against the same app instrumented.
+
+    python bench/overhead.py                 # every app, 3 rounds of 5 s
+    python bench/overhead.py --apps fastapi-hello --rounds 5 --seconds 10
+
+Each app is served once per configuration, all at the same time, each server
+pinned to core 0 and the load generator (wrk) to core 1. Rounds alternate the
+configurations so a noisy neighbour hurts them all alike. Figures are medians
+over rounds; "ratio" is throughput against the bare app in the same run.
+Also measured: start-up time added to importing the app, and resident memory
+after the run (and, with --memory, after 100,000 and 1,000,000 requests over
+10,000 distinct raw paths).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+APPS_DIR = HERE / "apps"
+
+APPS = {
+    # name: (server command with {port}, path, configurations that apply)
+    "fastapi-hello": ("uvicorn bench_fastapi:app", "/hello", "fastapi"),
+    "fastapi-11-queries": ("uvicorn bench_fastapi:app", "/queries", "fastapi"),
+    "flask-hello": ("gunicorn -w 1 bench_flask:app", "/hello", "flask"),
+    "fasthtml-page": ("uvicorn bench_fasthtml:app", "/", "fasthtml"),
+}
+CONFIGS = ("bare", "opentelemetry-instrument", "instrumentator", "perfagent")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def server_argv(app: str, port: int) -> list[str]:
+    command, _, _ = APPS[app]
+    if command.startswith("uvicorn"):
+        extra = ["--port", str(port), "--log-level", "warning", "--no-access-log"]
+    else:
+        extra = ["-b", f"127.0.0.1:{port}", "--log-level", "warning"]
+    return [*command.split(), *extra]
+
+
+@dataclass
+class Server:
+    config: str
+    port: int
+    proc: subprocess.Popen
+    log: Path
+    runs: list[tuple[float, float, float]] = field(default_factory=list)  # rps, p50, p99
+
+    def wait_ready(self, path: str, timeout: float = 60.0) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"{self.config} server exited with {self.proc.returncode}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise SystemExit(f"{self.config} server not ready after {timeout}s")
+
+
+def start(app: str, config: str, env: dict[str, str], console_url: str, sink_url: str) -> Server:
+    port = free_port()
+    argv = server_argv(app, port)
+    env = dict(env)
+    if config == "opentelemetry-instrument":
+        argv = ["opentelemetry-instrument", "--traces_exporter", "otlp", *argv]
+        env.update(
+            OTEL_EXPORTER_OTLP_ENDPOINT=sink_url,
+            OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
+            OTEL_METRICS_EXPORTER="none",
+            OTEL_LOGS_EXPORTER="none",
+            OTEL_SERVICE_NAME="bench",
+        )
+    elif config == "instrumentator":
+        env["BENCH_INSTRUMENTATOR"] = "1"
+    elif config == "perfagent":
+        argv = [
+            sys.executable,
+            "-m",
+            "perfagent",
+            "run",
+            "--metrics-port",
+            str(free_port()),
+            "--console-url",
+            console_url,
+            "--",
+            *argv,
+        ]
+    log = Path(tempfile.mkdtemp(prefix="perfagent-bench-")) / f"{config}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            ["taskset", "-c", "0", *argv],
+            cwd=APPS_DIR,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return Server(config, port, proc, log)
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def wrk(port: int, path: str, seconds: int, connections: int, script: str | None = None) -> tuple:
+    argv = ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    if script:
+        argv += ["-s", script]
+    out = subprocess.run(
+        [*argv, f"http://127.0.0.1:{port}{path}"], capture_output=True, text=True, check=True
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    latency = {
+        pct: float(value) * _UNITS[unit]
+        for pct, value, unit in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+    }
+    return rps, latency.get("50", float("nan")), latency.get("99", float("nan")), total
+
+
+def tree_rss_kib(pid: int) -> dict[int, int]:
+    """pid -> resident KiB for a process and all its descendants."""
+    out: dict[int, int] = {}
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            status = Path(f"/proc/{current}/status").read_text()
+            out[current] = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
+            for task in Path(f"/proc/{current}/task").iterdir():
+                children = (task / "children").read_text().split()
+                todo.extend(int(c) for c in children)
+        except (OSError, AttributeError):
+            pass
+    return out
+
+
+def app_rss_mib(server: Server) -> tuple[float, float]:
+    """(resident MiB of the app's processes, of perfagent's runner) for one server."""
+    tree = tree_rss_kib(server.proc.pid)
+    taskset_or_runner = server.proc.pid  # taskset execs, so this pid is the first real process
+    runner = tree.pop(taskset_or_runner, 0) if server.config == "perfagent" else 0
+    if server.config != "perfagent":
+        return sum(tree.values()) / 1024, 0.0
+    return sum(tree.values()) / 1024, runner / 1024
+
+
+def startup_ms(app_module: str, config: str, env: dict[str, str], runs: int = 7) -> float:
+    """Median wall time of a process that imports the app and exits."""
+    argv = [sys.executable, "-c", f"import {app_module}"]
+    env = dict(env)
+    if config == "opentelemetry-instrument":
+        argv = ["opentelemetry-instrument", "--traces_exporter", "none", *argv]
+        env.update(OTEL_METRICS_EXPORTER="none", OTEL_LOGS_EXPORTER="none")
+    elif config == "perfagent":
+        from perfagent.bootstrap import SITE_DIR
+
+        env["PYTHONPATH"] = os.pathsep.join([SITE_DIR, env.get("PYTHONPATH", "")])
+        env["PERFAGENT_RUNNER"] = "1"
+        env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="perfagent-bench-")
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        subprocess.run(argv, cwd=APPS_DIR, env=env, check=True)
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+def stop(server: Server) -> None:
+    try:
+        os.killpg(server.proc.pid, signal.SIGTERM)
+        server.proc.wait(15)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(server.proc.pid, signal.SIGKILL)
+
+
+def memory_run(app: str, servers: list[Server], targets: list[int], connections: int) -> None:
+    script = Path(tempfile.mkdtemp()) / "paths.lua"
+    script.write_text(
+        "math.randomseed(os.time())\n"
+        "request = function()\n"
+        '  return wrk.format("GET", "/items/" .. math.random(1, 10000))\n'
+        "end\n"
+    )
+    print(f"\nmemory, {app}: resident MiB after N requests over 10,000 distinct paths")
+    for server in servers:
+        done, row = 0, []
+        for target in targets:
+            while done < target:
+                *_, total = wrk(server.port, "/", 10, connections, str(script))
+                done += total
+            row.append(f"{done:>9,} req: {app_rss_mib(server)[0]:6.1f}")
+        print(f"  {server.config:<26}" + "   ".join(row))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--apps", nargs="+", default=list(APPS), choices=list(APPS))
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument(
+        "--memory", action="store_true", help="also 100k and 1M requests on 10k paths"
+    )
+    args = parser.parse_args()
+    for tool in ("wrk", "taskset"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is needed: apt-get install -y wrk util-linux")
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PERFAGENT_", "OTEL_"))}
+    env["PYTHONPATH"] = str(APPS_DIR)
+    sink_port, console_port = free_port(), free_port()
+    helpers = [
+        subprocess.Popen([sys.executable, str(HERE / "sink.py"), str(sink_port)]),
+        subprocess.Popen(
+            [sys.executable, "-m", "perfagent", "console", "--port", str(console_port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ),
+    ]
+    console_url = f"http://127.0.0.1:{console_port}"
+    sink_url = f"http://127.0.0.1:{sink_port}"
+    try:
+        for app in args.apps:
+            _, path, family = APPS[app]
+            configs = [c for c in args.configs if c != "instrumentator" or family == "fastapi"]
+            servers = [start(app, c, env, console_url, sink_url) for c in configs]
+            try:
+                for server in servers:
+                    server.wait_ready(path)
+                for server in servers:  # warm up every server once
+                    wrk(server.port, path, 1, args.connections)
+                for round_no in range(args.rounds):
+                    shift = round_no % len(servers)
+                    for server in servers[shift:] + servers[:shift]:
+                        try:
+                            rps, p50, p99, _ = wrk(
+                                server.port, path, args.seconds, args.connections
+                            )
+                        except subprocess.CalledProcessError as exc:
+                            tail = server.log.read_text(errors="replace")[-2000:]
+                            raise SystemExit(
+                                f"wrk failed against {server.config} ({exc.stderr.strip()}):"
+                                f"\n{tail}"
+                            ) from None
+                        server.runs.append((rps, p50, p99))
+                report(app, servers)
+                if args.memory and app in ("fastapi-hello", "flask-hello"):
+                    memory_run(app, servers, [100_000, 1_000_000], args.connections)
+            finally:
+                for server in servers:
+                    stop(server)
+        module = {"fastapi": "bench_fastapi", "flask": "bench_flask", "fasthtml": "bench_fasthtml"}
+        print("\nstart-up: median ms to start Python, import the app and exit")
+        for family in sorted({APPS[a][2] for a in args.apps}):
+            configs = [c for c in args.configs if c != "instrumentator"]
+            times = {c: startup_ms(module[family], c, env) for c in configs}
+            cells = "   ".join(f"{c} {t:6.0f} ({t - times['bare']:+.0f})" for c, t in times.items())
+            print(f"  {family:<10} {cells}")
+    finally:
+        for helper in helpers:
+            helper.terminate()
+            helper.wait()
+    return 0
+
+
+def report(app: str, servers: list[Server]) -> None:
+    bare = statistics.median(r[0] for r in servers[0].runs)
+    print(f"\n{app} ({len(servers[0].runs)} rounds)")
+    header = f"{'req/s':>9}{'ratio':>8}{'p50 ms':>9}{'p99 ms':>9}{'RSS MiB':>9}"
+    print(f"  {'configuration':<26}{header}")
+    for server in servers:
+        rps = statistics.median(r[0] for r in server.runs)
+        p50 = statistics.median(r[1] for r in server.runs)
+        p99 = statistics.median(r[2] for r in server.runs)
+        rss, runner = app_rss_mib(server)
+        extra = f"  (+ runner {runner:.1f})" if runner else ""
+        print(
+            f"  {server.config:<26}{rps:>9.0f}{rps / bare:>8.2f}{p50:>9.2f}{p99:>9.2f}"
+            f"{rss:>9.1f}{extra}"
+        )
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
