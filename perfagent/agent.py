@@ -13,11 +13,14 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from perfagent.background import AgentThread
 from perfagent.config import Settings
 from perfagent.export.logs import make_logger
 from perfagent.export.metrics import Metrics, serving_registry, start_server
+from perfagent.export.traces import TraceExporter, traces_endpoint
 from perfagent.patching import Patch, PostImportHooks
 from perfagent.record import RequestRecord
+from perfagent.tracecontext import Sampler
 
 #: Set by ``perfagent run`` in the server's environment: the runner serves /metrics.
 RUNNER_ENV = "PERFAGENT_RUNNER"
@@ -37,7 +40,28 @@ class Agent:
         self._metrics_server: Any = None
         self._errors_logged: set[str] = set()
         self._slow_s = settings.slow_ms / 1000.0  # read per request: a plain attribute
-        self.steps: list[Step] = [self.metrics.request_ended, self._detect_slow]
+        self.sampler = Sampler.from_environment(settings.trace_sample)
+        self.thread = AgentThread(self.internal_error)
+        self.exporter = TraceExporter(
+            traces_endpoint(settings.console_url),
+            settings.service_name,
+            self.metrics.dropped,
+            self.thread,
+        )
+        self.otel = self._otel_bridge()
+        self.steps: list[Step] = [
+            self.metrics.request_ended,
+            self._detect_slow,
+            self._keep_trace,
+        ]
+
+    def _otel_bridge(self) -> Any:
+        try:
+            from perfagent.export.otel_context import OtelBridge
+
+            return OtelBridge(self.head_sampled)
+        except ImportError:  # opentelemetry-api is a dependency, but be safe without it
+            return None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -62,6 +86,8 @@ class Agent:
 
     def stop(self) -> None:
         self.running = False
+        self.thread.stop()
+        self.exporter.close()
         for hooks in self.import_hooks:
             hooks.remove()
         for patch in reversed(self.patches):
@@ -78,6 +104,8 @@ class Agent:
     def after_fork_in_child(self) -> None:
         # The parent keeps serving /metrics; a forked worker must not try to.
         self._metrics_server = None
+        self.thread.after_fork_in_child()
+        self.exporter.after_fork_in_child()
 
     # -- per request -------------------------------------------------------
 
@@ -104,6 +132,14 @@ class Agent:
         except Exception:
             pass
 
+    def head_sampled(self, record: RequestRecord) -> bool:
+        """The head-sampling decision for a request, taken once."""
+        if record.sampled is None:
+            trace_id, _ = record.trace_ids()
+            parent_sampled = record.parent[1] if record.parent else None
+            record.sampled = self.sampler.sampled(trace_id, parent_sampled)
+        return record.sampled
+
     def _detect_slow(self, record: RequestRecord) -> None:
         # A stream (SSE, a long download) is judged by its time to first byte.
         end = (record.first_byte or record.end) if record.streaming else record.end
@@ -111,13 +147,23 @@ class Agent:
         if took < self._slow_s:
             return
         self.metrics.count_slow(record)
-        self.log.warning(
-            "slow_request",
-            route=record.route or "",
-            method=record.method,
-            status=record.status,
-            duration_ms=round(took * 1000.0, 3),
-            threshold_ms=self.settings.slow_ms,
-            trace_id=record.trace_id,
-            callsite=None,
-        )
+        fields = {
+            "route": record.route or "",
+            "method": record.method,
+            "status": record.status,
+            "duration_ms": round(took * 1000.0, 3),
+            "threshold_ms": self.settings.slow_ms,
+            "trace_id": record.trace_id,
+            "callsite": None,
+        }
+        record.add_finding("slow_request", fields)
+        self.log.warning("slow_request", **fields)
+
+    def _keep_trace(self, record: RequestRecord) -> None:
+        """Keeps slow, failed and finding-bearing requests, and the head sample."""
+        if record.foreign:
+            return  # the other instrumentation exports this request's server span
+        status = record.status or 0
+        if record.findings or record.error_type or status >= 500 or self.head_sampled(record):
+            record.keep = True
+            self.exporter.submit(record)

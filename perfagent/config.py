@@ -192,7 +192,27 @@ def load_settings(
 
     given = {key: value for key, value in (overrides or {}).items() if value is not None}
     _apply(values, given, lambda key: key)
-    return replace(Settings(), **values)
+    settings = replace(Settings(), **values)
+    _check_otel(environ, settings)
+    return settings
+
+
+def _check_otel(environ: Mapping[str, str], settings: Settings) -> None:
+    """The standard OTEL_* variables the agent honours are checked at start too."""
+    from perfagent.tracecontext import Sampler
+
+    try:
+        Sampler.from_environment(settings.trace_sample, environ)
+    except ValueError as exc:
+        name = environ.get("OTEL_TRACES_SAMPLER", "")
+        raise ConfigError(f"perfagent: OTEL_TRACES_SAMPLER={name!r} is not valid: {exc}") from None
+    for variable in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        value = environ.get(variable, "").strip()
+        if value:
+            try:
+                _http_url(value)
+            except ValueError as exc:
+                raise ConfigError(f"perfagent: {variable}={value!r} is not valid: {exc}") from None
 
 
 def settings_to_environ(settings: Settings) -> dict[str, str]:

@@ -25,10 +25,21 @@ def add_request_context(_logger: Any, _method: str, event_dict: dict[str, Any]) 
     """
     record = _record.active()
     if record is not None:
-        event_dict.setdefault("trace_id", record.trace_id)
-        event_dict.setdefault("span_id", record.span_id)
+        trace_id, span_id = _ids(record)
+        event_dict.setdefault("trace_id", trace_id)
+        event_dict.setdefault("span_id", span_id)
         event_dict.setdefault("route", record.route_now())
     return event_dict
+
+
+def _ids(record: _record.RequestRecord) -> tuple[str, str]:
+    if record.foreign:  # another instrumentation's span is the request's: use its ids
+        from perfagent.export.otel_context import foreign_ids
+
+        ids = foreign_ids()
+        if ids is not None:
+            return ids
+    return record.trace_id, record.span_id
 
 
 class RequestContextFilter(logging.Filter):
@@ -45,7 +56,6 @@ class RequestContextFilter(logging.Filter):
         if record is None:
             log_record.trace_id = log_record.span_id = log_record.route = ""
         else:
-            log_record.trace_id = record.trace_id
-            log_record.span_id = record.span_id
+            log_record.trace_id, log_record.span_id = _ids(record)
             log_record.route = record.route_now() or ""
         return True

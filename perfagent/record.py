@@ -12,6 +12,8 @@ import random
 from contextvars import ContextVar
 from typing import Any
 
+from perfagent.tracecontext import incoming_headers, parse_traceparent
+
 #: The record of the request being served in this context, or None.
 current: ContextVar[RequestRecord | None] = ContextVar("perfagent.request", default=None)
 
@@ -30,7 +32,7 @@ def normalize_method(method: str) -> str:
 
 
 class RequestRecord:
-    """What the agent knows about one request; plain attributes, no logic."""
+    """What the agent knows about one request: plain attributes, filled as it runs."""
 
     __slots__ = (
         "_span_id",
@@ -39,12 +41,18 @@ class RequestRecord:
         "done",
         "end",
         "error_type",
+        "findings",
         "first_byte",
+        "foreign",
+        "keep",
         "method",
         "mount_prefix",
+        "otel_context",
+        "parent",
         "resolver",
         "response_start",
         "route",
+        "sampled",
         "start",
         "status",
         "streaming",
@@ -70,6 +78,19 @@ class RequestRecord:
         #: True when the body went out in more than one piece (streaming, SSE).
         self.streaming = False
         self.done = False
+        #: True when another instrumentation (OpenTelemetry's, FastAPI's) makes the
+        #: server span: the agent then neither exports one nor invents trace ids.
+        self.foreign = False
+        #: Findings of the detectors, as (event name, fields) pairs; None while there are none.
+        self.findings: list[tuple[str, dict[str, Any]]] | None = None
+        #: True once the request is to be exported as a trace.
+        self.keep = False
+        #: (parent span id, sampled flag, tracestate) of the caller; None until read.
+        self.parent: tuple[int, bool | None, str | None] | None = None
+        #: The head-sampling decision; None until asked.
+        self.sampled: bool | None = None
+        #: This request's OpenTelemetry SpanContext, once OpenTelemetry code asked for it.
+        self.otel_context: Any = None
         self._trace_id = 0
         self._span_id = 0
 
@@ -87,18 +108,38 @@ class RequestRecord:
                 return None
         return self.route
 
+    def trace_ids(self) -> tuple[int, int]:
+        """(trace id, span id) of this request's server span, settled on first use.
+
+        The caller's ``traceparent`` gives the trace id; otherwise it is random.
+        Requests that never need one pay nothing.
+        """
+        if not self._trace_id:
+            raw_parent, state = incoming_headers(self.carrier)
+            parsed = parse_traceparent(raw_parent) if raw_parent else None
+            if parsed is None:
+                self._trace_id = random.getrandbits(128) or 1
+                self.parent = (0, None, None)
+            else:
+                self._trace_id = parsed[0]
+                self.parent = (parsed[1], parsed[2], state)
+            self._span_id = random.getrandbits(64) or 1
+        return self._trace_id, self._span_id
+
     @property
     def trace_id(self) -> str:
-        """32 hex digits; chosen on first use so requests that never need one pay nothing."""
-        if not self._trace_id:
-            self._trace_id = random.getrandbits(128) or 1
-        return f"{self._trace_id:032x}"
+        """32 hex digits."""
+        return f"{self.trace_ids()[0]:032x}"
 
     @property
     def span_id(self) -> str:
-        if not self._span_id:
-            self._span_id = random.getrandbits(64) or 1
-        return f"{self._span_id:016x}"
+        """16 hex digits."""
+        return f"{self.trace_ids()[1]:016x}"
+
+    def add_finding(self, event: str, fields: dict[str, Any]) -> None:
+        if self.findings is None:
+            self.findings = []
+        self.findings.append((event, fields))
 
 
 def active() -> RequestRecord | None:

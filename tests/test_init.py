@@ -24,6 +24,13 @@ def _counts():
     return request_counts([s for f in text_string_to_metric_families(text) for s in f.samples])
 
 
+def _spans_handed_to_the_exporter() -> int:
+    """Queued, sent or dropped: every server span perfagent tried to export."""
+    agent = perfagent._state["agent"]
+    dropped = agent.metrics.dropped.labels("spans")._value.get()
+    return len(agent.exporter._queue) + agent.exporter.sent + int(dropped)
+
+
 def _fastapi_app() -> FastAPI:
     app = FastAPI()
 
@@ -44,11 +51,12 @@ async def _get(app, path: str, times: int = 1) -> httpx.Response:
 
 def test_init_twice_and_init_all_never_double_count():
     app = _fastapi_app()
-    perfagent.init(app, metrics_port=0)
+    perfagent.init(app, metrics_port=0, trace_sample=1)
     perfagent.init(app, metrics_port=0)
     perfagent.init(metrics_port=0)  # and every app: this one is now wrapped twice
     asyncio.run(_get(app, "/things/1", times=4))
     assert _counts() == {("GET", "/things/{thing_id}", "200"): 4}
+    assert _spans_handed_to_the_exporter() == 4  # one server span per request
 
 
 def test_flask_init_app_and_class_patch_count_once():
@@ -99,11 +107,12 @@ def test_composes_with_opentelemetry_fastapi_instrumentor():
     app = _fastapi_app()
     FastAPIInstrumentor.instrument_app(app, tracer_provider=provider)
     try:
-        perfagent.init(app, metrics_port=0)
+        perfagent.init(app, metrics_port=0, trace_sample=1)
         asyncio.run(_get(app, "/things/2", times=3))
         assert _counts() == {("GET", "/things/{thing_id}", "200"): 3}
         server_spans = [s for s in exporter.get_finished_spans() if s.kind.name == "SERVER"]
-        assert len(server_spans) == 3  # theirs, once each: perfagent adds no second server span
+        assert len(server_spans) == 3  # theirs, still SERVER spans, once each
+        assert _spans_handed_to_the_exporter() == 0, "perfagent adds no second server span"
     finally:
         FastAPIInstrumentor.uninstrument_app(app)
 
@@ -126,11 +135,12 @@ def test_composes_with_fastapi_builtin_telemetry():
     async def order(order_id: int):
         return {"order": order_id}
 
-    perfagent.init(app, metrics_port=0)
+    perfagent.init(app, metrics_port=0, trace_sample=1)
     asyncio.run(_get(app, "/orders/9", times=2))
     assert _counts() == {("GET", "/orders/{order_id}", "200"): 2}
     routes = [s.attributes.get("http.route") for s in exporter.get_finished_spans()]
     assert routes.count("/orders/{order_id}") == 2
+    assert _spans_handed_to_the_exporter() == 0, "perfagent adds no second server span"
 
 
 def test_log_processor_and_filter_carry_the_request_context():

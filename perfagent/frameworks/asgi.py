@@ -62,11 +62,15 @@ class RouteTemplates:
 class PerfagentASGI:
     """The middleware. One instance per app, created when the app builds its stack."""
 
-    def __init__(self, app: Any, agent: Agent, templates: RouteTemplates) -> None:
+    def __init__(
+        self, app: Any, agent: Agent, templates: RouteTemplates, foreign: bool = False
+    ) -> None:
         self.app = app
         self._agent = agent
         self._templates = templates
         self._server_timing = agent.settings.server_timing
+        #: OpenTelemetry's middleware is inside: it makes the server spans.
+        self._foreign = foreign
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or not self._agent.running:
@@ -82,9 +86,19 @@ class PerfagentASGI:
         agent = self._agent
         record = RequestRecord(normalize_method(scope["method"]), perf_counter(), scope)
         record.resolver = resolve = self._templates.resolve
+        if self._foreign or "fastapi.telemetry" in scope:
+            # FastAPI's built-in telemetry (outside us) or OpenTelemetry's middleware
+            # (inside us) makes this request's server span; its ids are the request's.
+            record.foreign = True
         token = current.set(record)
+        # With OpenTelemetry's middleware inside, it must find no span current, or
+        # it would make its server span an INTERNAL one.
+        otel = None if self._foreign else agent.otel
+        otel_token = None
         try:
             agent.metrics.request_started(record.method)
+            if otel is not None:
+                otel_token = otel.enter()
         except Exception as exc:
             agent.internal_error("asgi.start", exc)
         server_timing = self._server_timing
@@ -120,6 +134,8 @@ class PerfagentASGI:
             record.error_type = type(exc).__qualname__
             raise
         finally:
+            if otel_token is not None:
+                otel.exit(otel_token)
             current.reset(token)
             if record.route is None:
                 record.route = ""
@@ -136,12 +152,23 @@ def _mount_handle(agent: Agent, original: Any) -> Any:
     return handle
 
 
+def _has_otel_middleware(stack: Any) -> bool:
+    """True when OpenTelemetry's ASGI middleware (contrib's or Starlette's) is in the stack."""
+    seen: set[int] = set()
+    while stack is not None and id(stack) not in seen:
+        seen.add(id(stack))
+        if type(stack).__name__ == "OpenTelemetryMiddleware":
+            return True
+        stack = getattr(stack, "app", None)
+    return False
+
+
 def _stack_builder(agent: Agent, templates: RouteTemplates, original: Any) -> Any:
     def build_middleware_stack(self: Any) -> Any:
         stack = original(self)
         if not agent.running:
             return stack
-        return PerfagentASGI(stack, agent, templates)
+        return PerfagentASGI(stack, agent, templates, foreign=_has_otel_middleware(stack))
 
     return build_middleware_stack
 

@@ -22,32 +22,32 @@ class Instrumentations:
         self.asgi = AsgiInstrumentation(agent)
         self.flask = FlaskInstrumentation(agent)
 
-    def instrument_all(self) -> None:
-        """Every Flask, FastAPI, Starlette and FastHTML app, created before or after."""
+    def _hooks(self, patches: dict[str, Any]) -> None:
+        """Runs each patch when its module is imported (now, if it is), guarded."""
 
         def guarded(name: str, patch: Any) -> Any:
             def hook(module: ModuleType) -> None:
                 try:
                     patch(module)
                 except Exception as exc:
-                    self.agent.internal_error(f"autopatch.{name}", exc)
+                    self.agent.internal_error(f"patch {name}", exc)
 
             return hook
 
-        hooks = PostImportHooks(
-            {
-                "starlette.routing": guarded("starlette.routing", self.asgi.patch_routing),
-                "starlette.applications": guarded(
-                    "starlette", lambda m: self.asgi.patch_class(m.Starlette)
-                ),
-                "fastapi.applications": guarded(
-                    "fastapi", lambda m: self.asgi.patch_class(m.FastAPI)
-                ),
-                "flask.app": guarded("flask", lambda m: self.flask.patch_class(m.Flask)),
-            }
-        )
+        hooks = PostImportHooks({name: guarded(name, patch) for name, patch in patches.items()})
         self.agent.import_hooks.append(hooks)
         hooks.install()
+
+    def instrument_all(self) -> None:
+        """Every Flask, FastAPI, Starlette and FastHTML app, created before or after."""
+        self._hooks(
+            {
+                "starlette.routing": self.asgi.patch_routing,
+                "starlette.applications": lambda m: self.asgi.patch_class(m.Starlette),
+                "fastapi.applications": lambda m: self.asgi.patch_class(m.FastAPI),
+                "flask.app": lambda m: self.flask.patch_class(m.Flask),
+            }
+        )
 
     def instrument_app(self, app: Any) -> None:
         kind = framework_of(app)

@@ -70,7 +70,7 @@ class FlaskInstrumentation:
         self._read_rule: Any = None
         self._resolve: Any = None
 
-    def _serve(self, wsgi_app: Any, environ: Any, start_response: Any) -> Any:
+    def _serve(self, app: Any, wsgi_app: Any, environ: Any, start_response: Any) -> Any:
         """Wraps one call of a Flask app's ``wsgi_app``."""
         agent = self.agent
         read_rule = self._read_rule
@@ -93,10 +93,18 @@ class FlaskInstrumentation:
             normalize_method(environ.get("REQUEST_METHOD", "")), perf_counter(), environ
         )
         record.resolver = self._resolve
+        otel = agent.otel
+        if getattr(app, "_is_instrumented_by_opentelemetry", False):
+            # OpenTelemetry's FlaskInstrumentor makes this request's server span.
+            record.foreign = True
+            otel = None
         token = current.set(record)
         server_timing = agent.settings.server_timing
+        otel_token = None
         try:
             agent.metrics.request_started(record.method)
+            if otel is not None:
+                otel_token = otel.enter()
         except Exception as exc:
             agent.internal_error("flask.start", exc)
 
@@ -126,10 +134,12 @@ class FlaskInstrumentation:
             if record.status is None:
                 record.status = 500
             record.error_type = type(exc).__qualname__
-            current.reset(token)
             agent.finish(record)
             raise
-        current.reset(token)
+        finally:
+            if otel_token is not None:
+                otel.exit(otel_token)
+            current.reset(token)
         file_wrapper = environ.get("wsgi.file_wrapper")
         if isinstance(file_wrapper, type) and isinstance(body, file_wrapper):
             agent.finish(record)  # keep the server's sendfile path; the file goes out after
@@ -156,7 +166,7 @@ class FlaskInstrumentation:
         def wsgi_app(app: Any, environ: Any, start_response: Any) -> Any:
             if not self.agent.running:
                 return original(app, environ, start_response)
-            return serve(original.__get__(app), environ, start_response)
+            return serve(app, original.__get__(app), environ, start_response)
 
         self.agent.patches.append(Patch(flask_cls, "wsgi_app", wsgi_app))
 
@@ -169,7 +179,7 @@ class FlaskInstrumentation:
         def wsgi_app(environ: Any, start_response: Any) -> Any:
             if not self.agent.running:
                 return inner(environ, start_response)
-            return serve(inner, environ, start_response)
+            return serve(app, inner, environ, start_response)
 
         patch = Patch(app, "wsgi_app", wsgi_app)
         self.agent.apps.append(patch.undo)

@@ -64,6 +64,16 @@ async def sleep(seconds: float = 0.6):
     return {"slept": seconds}
 
 
+@app.get("/propagate")
+async def propagate_context():
+    """What an OpenTelemetry-instrumented client would send downstream."""
+    from opentelemetry import propagate
+
+    carrier: dict = {}
+    propagate.inject(carrier)
+    return carrier
+
+
 @app.get("/agent")
 def agent():
     return {"perfagent_loaded": "perfagent" in sys.modules, "pid": os.getpid()}

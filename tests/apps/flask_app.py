@@ -55,6 +55,15 @@ def stream():
     return Response(chunks(), mimetype="text/plain")
 
 
+@app.get("/propagate")
+def propagate_context():
+    from opentelemetry import propagate
+
+    carrier: dict = {}
+    propagate.inject(carrier)
+    return carrier
+
+
 @app.get("/agent")
 def agent():
     return {"perfagent_loaded": "perfagent" in sys.modules, "pid": os.getpid()}

@@ -1,0 +1,59 @@
+"""The one agent thread: periodic background work (export, later watchdog ticks).
+
+Request threads never wait on it: they hand work over through bounded deques
+(``append`` is atomic under the GIL, no lock is taken) and the thread polls.
+It starts on first use, so a process that never keeps a trace has no thread,
+and again in a forked child, where threads do not survive.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+
+class AgentThread:
+    def __init__(self, on_error: Callable[[str, BaseException], None]) -> None:
+        self._tasks: list[tuple[float, Callable[[], None]]] = []
+        self._on_error = on_error
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # taken at start and stop only
+
+    def every(self, seconds: float, task: Callable[[], None]) -> None:
+        """Runs ``task`` about every ``seconds`` on the agent thread."""
+        self._tasks.append((seconds, task))
+
+    def ensure_started(self) -> None:
+        if self._thread is not None:
+            return
+        with self._lock:
+            if self._thread is None and not self._stop.is_set():
+                thread = threading.Thread(target=self._run, name="perfagent", daemon=True)
+                thread.start()
+                self._thread = thread
+
+    def _run(self) -> None:
+        due = [0.0] * len(self._tasks)
+        tick = min((interval for interval, _ in self._tasks), default=1.0)
+        while not self._stop.wait(tick):
+            now = time.monotonic()
+            for index, (interval, task) in enumerate(self._tasks):
+                if now >= due[index]:
+                    due[index] = now + interval
+                    try:
+                        task()
+                    except Exception as exc:
+                        self._on_error(getattr(task, "__qualname__", "task"), exc)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def after_fork_in_child(self) -> None:
+        self._thread = None
+        self._lock = threading.Lock()

@@ -1,0 +1,73 @@
+"""Make the current request's trace visible to OpenTelemetry code, cheaply.
+
+OpenTelemetry code (an instrumented HTTP client, a propagator, a span the app
+starts itself) finds its parent in OpenTelemetry's current context. For each
+request the adapter attaches one context, built once at start, holding a
+*lazy* span: its ids are read from the running request's record only when
+someone asks, so a request pays one attach and one detach (about 1 µs) and
+nothing more. Outgoing ``traceparent`` headers then continue the request's
+trace, and spans the app makes are children of the request's server span.
+
+(Wrapping OpenTelemetry's ``get_current()`` instead costs about 1 µs per call,
+and FastAPI calls it four times per request: measured 4.6 µs.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from perfagent.record import RequestRecord, current
+
+
+class OtelBridge:
+    def __init__(self, sampled: Callable[[RequestRecord], bool]) -> None:
+        from opentelemetry import context as otel_context
+        from opentelemetry import trace
+        from opentelemetry.trace.propagation import _SPAN_KEY
+
+        invalid = trace.INVALID_SPAN_CONTEXT
+        span_context = trace.SpanContext
+        flags = (trace.TraceFlags(0x00), trace.TraceFlags(0x01))
+
+        class RequestSpan(trace.NonRecordingSpan):
+            """The running request's server span, as OpenTelemetry sees it."""
+
+            def get_span_context(self) -> Any:
+                record = current.get()
+                if record is None or record.done or record.foreign:
+                    return invalid
+                cached = record.otel_context
+                if cached is None:
+                    trace_id, span_id = record.trace_ids()
+                    cached = span_context(trace_id, span_id, False, flags[sampled(record)])
+                    record.otel_context = cached
+                return cached
+
+        self._key = _SPAN_KEY
+        self._runtime = otel_context
+        self._span = RequestSpan(invalid)
+        self._shared = trace.set_span_in_context(self._span, otel_context.Context())
+
+    def enter(self) -> Any:
+        """Attach the request span unless a span is already current; returns a token or None."""
+        runtime = self._runtime
+        context = runtime.get_current()
+        if not context:
+            return runtime.attach(self._shared)
+        if context.get(self._key) is not None:
+            return None  # FastAPI's or OpenTelemetry's own server span is current
+        return runtime.attach(runtime.set_value(self._key, self._span, context))
+
+    def exit(self, token: Any) -> None:
+        self._runtime.detach(token)
+
+
+def foreign_ids() -> tuple[str, str] | None:
+    """Ids of the OpenTelemetry span current here, if another instrumentation made one."""
+    from opentelemetry import trace
+
+    context = trace.get_current_span().get_span_context()
+    if not context.is_valid:
+        return None
+    return f"{context.trace_id:032x}", f"{context.span_id:016x}"

@@ -1,0 +1,154 @@
+"""Kept requests as OTLP protobuf: a SERVER span each, findings as its events.
+
+Spans are built here, on the agent thread, straight into opentelemetry-proto
+messages from the finished record: no OpenTelemetry SDK span exists on the
+request path. An SDK span costs about 20-30 µs to create, fill and end (see
+ARCHITECTURE.md); this way a request that is not kept costs nothing at all,
+and a kept one costs one deque append on its own thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
+
+from perfagent._version import __version__
+from perfagent.record import RequestRecord
+
+_SCOPE = InstrumentationScope(name="perfagent", version=__version__)
+
+
+def _value(value: Any) -> AnyValue:
+    if isinstance(value, bool):
+        return AnyValue(bool_value=value)
+    if isinstance(value, int):
+        return AnyValue(int_value=value)
+    if isinstance(value, float):
+        return AnyValue(double_value=value)
+    if isinstance(value, (list, tuple)):
+        any_value = AnyValue()
+        any_value.array_value.values.extend(_value(v) for v in value)
+        return any_value
+    if isinstance(value, str):
+        return AnyValue(string_value=value)
+    return AnyValue(string_value=json.dumps(value, default=str))
+
+
+def attributes(items: Mapping[str, Any]) -> list[KeyValue]:
+    return [KeyValue(key=k, value=_value(v)) for k, v in items.items() if v is not None]
+
+
+def resource(service_name: str, environ: Mapping[str, str] | None = None) -> Resource:
+    environ = os.environ if environ is None else environ
+    items: dict[str, Any] = {}
+    for pair in environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","):
+        key, _, value = pair.partition("=")
+        if key.strip() and value.strip():
+            items[key.strip()] = value.strip()
+    items.update(
+        {
+            "service.name": service_name,
+            "telemetry.sdk.name": "perfagent",
+            "telemetry.sdk.language": "python",
+            "telemetry.sdk.version": __version__,
+            "process.pid": os.getpid(),
+        }
+    )
+    return Resource(attributes=attributes(items))
+
+
+def _request_attributes(record: RequestRecord) -> dict[str, Any]:
+    carrier = record.carrier or {}
+    out: dict[str, Any] = {
+        "http.request.method": record.method,
+        "http.route": record.route or None,
+        "http.response.status_code": record.status,
+    }
+    if "type" in carrier and "headers" in carrier:  # ASGI scope
+        out["url.path"] = carrier.get("path")
+        out["url.scheme"] = carrier.get("scheme", "http")
+        out["network.protocol.version"] = carrier.get("http_version")
+        server = carrier.get("server") or (None, None)
+        out["server.address"], out["server.port"] = server[0], server[1]
+        client = carrier.get("client")
+        out["client.address"] = client[0] if client else None
+        for name, value in carrier["headers"]:
+            if name == b"user-agent":
+                out["user_agent.original"] = value.decode("latin-1")
+            elif name == b"host":
+                host, _, port = value.decode("latin-1").rpartition(":")
+                if host and port.isdigit():
+                    out["server.address"], out["server.port"] = host, int(port)
+                else:
+                    out["server.address"] = value.decode("latin-1")
+    else:  # WSGI environ
+        out["url.path"] = carrier.get("SCRIPT_NAME", "") + carrier.get("PATH_INFO", "")
+        out["url.scheme"] = carrier.get("wsgi.url_scheme", "http")
+        protocol = carrier.get("SERVER_PROTOCOL", "")
+        out["network.protocol.version"] = protocol.partition("/")[2] or None
+        out["server.address"] = carrier.get("HTTP_HOST", "").partition(":")[0] or carrier.get(
+            "SERVER_NAME"
+        )
+        port = carrier.get("SERVER_PORT")
+        out["server.port"] = int(port) if port and str(port).isdigit() else None
+        out["client.address"] = carrier.get("REMOTE_ADDR")
+        out["user_agent.original"] = carrier.get("HTTP_USER_AGENT")
+    if record.error_type:
+        out["error.type"] = record.error_type
+    elif record.status is not None and record.status >= 500:
+        out["error.type"] = str(record.status)
+    if record.streaming and record.first_byte is not None:
+        out["perfagent.time_to_first_byte_ms"] = round((record.first_byte - record.start) * 1e3, 3)
+    return out
+
+
+def server_span(record: RequestRecord, clock_offset_ns: int) -> Span:
+    trace_id, span_id = record.trace_ids()
+    parent_span_id, _sampled, trace_state = record.parent or (0, None, None)
+    start = int(record.start * 1e9) + clock_offset_ns
+    end = int((record.end or record.start) * 1e9) + clock_offset_ns
+    span = Span(
+        trace_id=trace_id.to_bytes(16, "big"),
+        span_id=span_id.to_bytes(8, "big"),
+        parent_span_id=parent_span_id.to_bytes(8, "big") if parent_span_id else b"",
+        trace_state=trace_state or "",
+        flags=0x100 | (0x200 if parent_span_id else 0) | 0x01,
+        name=f"{record.method} {record.route}" if record.route else record.method,
+        kind=Span.SPAN_KIND_SERVER,
+        start_time_unix_nano=start,
+        end_time_unix_nano=end,
+        attributes=attributes(_request_attributes(record)),
+    )
+    if record.error_type or (record.status is not None and record.status >= 500):
+        span.status.CopyFrom(Status(code=Status.STATUS_CODE_ERROR))
+    for event, fields in record.findings or ():
+        span.events.add(
+            time_unix_nano=end,
+            name=event,
+            attributes=attributes({k: v for k, v in fields.items() if k != "trace_id"}),
+        )
+    return span
+
+
+def clock_offset_ns() -> int:
+    """Add to ``perf_counter() * 1e9`` to get Unix nanoseconds."""
+    return time.time_ns() - int(time.perf_counter() * 1e9)
+
+
+def encode(records: Iterable[RequestRecord], res: Resource) -> bytes:
+    offset = clock_offset_ns()
+    spans = [server_span(record, offset) for record in records]
+    request = ExportTraceServiceRequest(
+        resource_spans=[
+            ResourceSpans(resource=res, scope_spans=[ScopeSpans(scope=_SCOPE, spans=spans)])
+        ]
+    )
+    return request.SerializeToString()
