@@ -15,9 +15,9 @@ from prometheus_client import CollectorRegistry
 
 from perfagent.background import AgentThread
 from perfagent.config import Settings
+from perfagent.export.exporter import Exporter
 from perfagent.export.logs import make_logger
 from perfagent.export.metrics import Metrics, serving_registry, start_server
-from perfagent.export.traces import TraceExporter, traces_endpoint
 from perfagent.patching import Patch, PostImportHooks
 from perfagent.record import RequestRecord
 from perfagent.tracecontext import Sampler
@@ -42,11 +42,12 @@ class Agent:
         self._slow_s = settings.slow_ms / 1000.0  # read per request: a plain attribute
         self.sampler = Sampler.from_environment(settings.trace_sample)
         self.thread = AgentThread(self.internal_error)
-        self.exporter = TraceExporter(
-            traces_endpoint(settings.console_url),
+        self.exporter = Exporter(
+            settings.console_url,
             settings.service_name,
-            self.metrics.dropped,
+            self.metrics,
             self.thread,
+            settings.export_interval_s,
         )
         self.otel = self._otel_bridge()
         self.steps: list[Step] = [
@@ -114,6 +115,7 @@ class Agent:
         if record.done:
             return
         record.done = True
+        self.thread.ensure_started()
         if record.end is None:
             record.end = perf_counter()
         for step in self.steps:
@@ -156,8 +158,14 @@ class Agent:
             "trace_id": record.trace_id,
             "callsite": None,
         }
-        record.add_finding("slow_request", fields)
-        self.log.warning("slow_request", **fields)
+        self.report("slow_request", fields, record)
+
+    def report(self, kind: str, fields: dict[str, Any], record: RequestRecord | None) -> None:
+        """A finding: on the request's trace, in the log, and to the console."""
+        if record is not None:
+            record.add_finding(kind, fields)
+        self.log.warning(kind, **fields)
+        self.exporter.submit_finding(kind, fields, record)
 
     def _keep_trace(self, record: RequestRecord) -> None:
         """Keeps slow, failed and finding-bearing requests, and the head sample."""

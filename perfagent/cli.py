@@ -65,6 +65,18 @@ def _parser() -> argparse.ArgumentParser:
     console.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     console.add_argument("--port", type=int, default=6060, help="port (default 6060)")
     console.add_argument("--db", default=None, help="SQLite file (default: in the user data dir)")
+    console.add_argument(
+        "--token", default=None, help="required of every caller (default PERFAGENT_CONSOLE_TOKEN)"
+    )
+    console.add_argument(
+        "--retention-hours", type=float, default=168.0, help="keep data this long (default 168)"
+    )
+    console.add_argument(
+        "--max-mb", type=float, default=512.0, help="largest the database may grow (default 512)"
+    )
+    console.add_argument(
+        "--max-body-mb", type=float, default=8.0, help="largest OTLP payload taken (default 8)"
+    )
 
     profile = commands.add_parser(
         "profile",
@@ -94,7 +106,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "console":
         from perfagent.console.server import serve
 
-        return serve(host=args.host, port=args.port, db=args.db)
+        return serve(
+            host=args.host,
+            port=args.port,
+            db=args.db,
+            token=args.token,
+            retention_hours=args.retention_hours,
+            max_mb=args.max_mb,
+            max_body_mb=args.max_body_mb,
+        )
     if args.command == "profile":
         from perfagent.profiling import profile_pid
 

@@ -42,6 +42,7 @@ class Settings:
     server_timing: bool = True
     trace_sample: float = 0.01
     service_name: str = "unknown_service:python"
+    export_interval_s: float = 10.0
 
 
 def _parse_bool(text: Any) -> bool:
@@ -118,6 +119,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "server_timing": _parse_bool,
     "trace_sample": _number(0, 1, integer=False, unit="a fraction"),
     "service_name": _name,
+    "export_interval_s": _number(0.1, 3600, integer=False, unit="seconds"),
 }
 SETTING_NAMES: tuple[str, ...] = tuple(f.name for f in fields(Settings))
 
@@ -206,7 +208,12 @@ def _check_otel(environ: Mapping[str, str], settings: Settings) -> None:
     except ValueError as exc:
         name = environ.get("OTEL_TRACES_SAMPLER", "")
         raise ConfigError(f"perfagent: OTEL_TRACES_SAMPLER={name!r} is not valid: {exc}") from None
-    for variable in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+    for variable in (
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT",
+    ):
         value = environ.get(variable, "").strip()
         if value:
             try:

@@ -28,7 +28,7 @@ def _spans_handed_to_the_exporter() -> int:
     """Queued, sent or dropped: every server span perfagent tried to export."""
     agent = perfagent._state["agent"]
     dropped = agent.metrics.dropped.labels("spans")._value.get()
-    return len(agent.exporter._queue) + agent.exporter.sent + int(dropped)
+    return len(agent.exporter._traces) + agent.exporter.sent + int(dropped)
 
 
 def _fastapi_app() -> FastAPI:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -59,6 +60,7 @@ def resource(service_name: str, environ: Mapping[str, str] | None = None) -> Res
             "telemetry.sdk.name": "perfagent",
             "telemetry.sdk.language": "python",
             "telemetry.sdk.version": __version__,
+            "service.instance.id": uuid.uuid4().hex,
             "process.pid": os.getpid(),
         }
     )
@@ -149,6 +151,115 @@ def encode(records: Iterable[RequestRecord], res: Resource) -> bytes:
     request = ExportTraceServiceRequest(
         resource_spans=[
             ResourceSpans(resource=res, scope_spans=[ScopeSpans(scope=_SCOPE, spans=spans)])
+        ]
+    )
+    return request.SerializeToString()
+
+
+def encode_request_histogram(histogram: Any, res: Resource, start_ns: int) -> tuple[bytes, int]:
+    """This process's ``http.server.request.duration`` as a cumulative OTLP histogram.
+
+    Read from the very prometheus-client histogram ``/metrics`` shows, so the
+    console's numbers agree with Prometheus's. Returns (body, total count).
+    """
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+        ExportMetricsServiceRequest,
+    )
+    from opentelemetry.proto.metrics.v1.metrics_pb2 import (
+        AggregationTemporality,
+        Histogram,
+        HistogramDataPoint,
+        Metric,
+        ResourceMetrics,
+        ScopeMetrics,
+    )
+
+    series: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for family in histogram.collect():
+        for sample in family.samples:
+            labels = sample.labels
+            key = (
+                labels["http_request_method"],
+                labels["http_route"],
+                labels["http_response_status_code"],
+            )
+            point = series.setdefault(key, {"le": [], "count": 0, "sum": 0.0})
+            if sample.name.endswith("_bucket"):
+                point["le"].append((float(labels["le"]), int(sample.value)))
+            elif sample.name.endswith("_count"):
+                point["count"] = int(sample.value)
+            elif sample.name.endswith("_sum"):
+                point["sum"] = float(sample.value)
+    now = time.time_ns()
+    points, total = [], 0
+    for (method, route, status), point in series.items():
+        cumulative = sorted(point["le"])
+        bounds = [le for le, _ in cumulative if le != float("inf")]
+        counts, previous = [], 0
+        for _, running in cumulative:
+            counts.append(running - previous)
+            previous = running
+        total += point["count"]
+        points.append(
+            HistogramDataPoint(
+                attributes=attributes(
+                    {
+                        "http.request.method": method,
+                        "http.route": route,
+                        "http.response.status_code": int(status) if status else None,
+                    }
+                ),
+                start_time_unix_nano=start_ns,
+                time_unix_nano=now,
+                count=point["count"],
+                sum=point["sum"],
+                bucket_counts=counts,
+                explicit_bounds=bounds,
+            )
+        )
+    metric = Metric(
+        name="http.server.request.duration",
+        unit="s",
+        description="Duration of HTTP server requests.",
+        histogram=Histogram(
+            data_points=points,
+            aggregation_temporality=AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE,
+        ),
+    )
+    request = ExportMetricsServiceRequest(
+        resource_metrics=[
+            ResourceMetrics(
+                resource=res, scope_metrics=[ScopeMetrics(scope=_SCOPE, metrics=[metric])]
+            )
+        ]
+    )
+    return request.SerializeToString(), total
+
+
+def encode_findings(
+    findings: Iterable[tuple[int, str, dict[str, Any], int, int]], res: Resource
+) -> bytes:
+    """Findings as OTLP log records: one per finding, ``event_name`` = its kind."""
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+    from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, ResourceLogs, ScopeLogs
+
+    records = [
+        LogRecord(
+            time_unix_nano=when,
+            observed_time_unix_nano=when,
+            severity_number=13,  # WARN
+            severity_text="WARN",
+            event_name=kind,
+            body=AnyValue(string_value=kind),
+            attributes=attributes(fields),
+            trace_id=trace_id.to_bytes(16, "big") if trace_id else b"",
+            span_id=span_id.to_bytes(8, "big") if span_id else b"",
+        )
+        for when, kind, fields, trace_id, span_id in findings
+    ]
+    request = ExportLogsServiceRequest(
+        resource_logs=[
+            ResourceLogs(resource=res, scope_logs=[ScopeLogs(scope=_SCOPE, log_records=records)])
         ]
     )
     return request.SerializeToString()

@@ -1,0 +1,262 @@
+"""The console app: OTLP/HTTP receivers, the JSON API, pages and live events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from perfagent._version import __version__
+from perfagent.console import ingest, pages, queries
+from perfagent.console.store import Store
+
+RETENTION_EVERY_S = 30.0
+
+
+@dataclass
+class RequestFilter:
+    """Query parameters that filter the kept requests (API and page alike)."""
+
+    service: str | None = None
+    route: str | None = None
+    status: int | None = None
+    min_ms: float | None = None
+    has_finding: bool | None = None
+
+
+@dataclass(frozen=True)
+class ConsoleConfig:
+    token: str | None = None
+    max_body_bytes: int = 8 * 1024 * 1024
+
+
+class LiveHub:
+    """Fans new findings and kept slow or failed requests out to server-sent-event clients."""
+
+    def __init__(self) -> None:
+        self._clients: set[asyncio.Queue[str]] = set()
+
+    def publish(self, kind: str, data: dict[str, Any]) -> None:
+        message = f"event: {kind}\ndata: {json.dumps(data, default=str)}\n\n"
+        for queue in list(self._clients):
+            try:
+                queue.put_nowait(message)
+            except asyncio.QueueFull:
+                pass  # a slow client misses events rather than growing memory
+
+    async def stream(self, request: Request) -> AsyncIterator[str]:
+        queue: asyncio.Queue[str] = asyncio.Queue(maxsize=256)
+        self._clients.add(queue)
+        try:
+            yield ": connected\n\n"
+            while not await request.is_disconnected():
+                try:
+                    yield await asyncio.wait_for(queue.get(), timeout=15.0)
+                except asyncio.TimeoutError:
+                    yield ": keep-alive\n\n"
+        finally:
+            self._clients.discard(queue)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ingest.BadPayload("payload too large", 413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ingest.BadPayload("payload too large", 413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(store: Store, config: ConsoleConfig | None = None) -> FastAPI:
+    config = config or ConsoleConfig()
+    hub = LiveHub()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        async def retention() -> None:
+            while True:
+                await asyncio.sleep(RETENTION_EVERY_S)
+                await run_in_threadpool(store.enforce_retention)
+
+        task = asyncio.create_task(retention())
+        try:
+            yield
+        finally:
+            task.cancel()
+
+    app = FastAPI(title="perfagent console", version=__version__, lifespan=lifespan)
+    app.state.store = store
+
+    if config.token:
+        token = config.token.encode()
+
+        @app.middleware("http")
+        async def require_token(request: Request, call_next: Any) -> Response:
+            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+            given = given or request.query_params.get("token") or request.cookies.get("token", "")
+            if not hmac.compare_digest(given.encode(), token):
+                return JSONResponse({"detail": "a token is required"}, status_code=401)
+            response = await call_next(request)
+            if request.query_params.get("token"):
+                response.set_cookie("token", given, httponly=True, samesite="strict")
+            return response
+
+    async def receive(signal: str, request: Request) -> Response:
+        try:
+            body = await _read_body(request, config.max_body_bytes)
+            message = ingest.decode(
+                body,
+                request.headers.get("content-type", ""),
+                request.headers.get("content-encoding", ""),
+                config.max_body_bytes,
+                ingest.MESSAGES[signal],
+            )
+            if signal == "traces":
+                rows = ingest.spans(message)
+                await run_in_threadpool(store.add_spans, rows)
+                for row in rows:
+                    if row.kind == 2 and (row.events or (row.status or 0) >= 500):
+                        hub.publish("request", _live_request(row))
+            elif signal == "logs":
+                found = ingest.findings(message)
+                await run_in_threadpool(store.add_findings, found)
+                for finding in found:
+                    hub.publish("finding", {"kind": finding.kind, **finding.fields})
+            else:
+                await run_in_threadpool(store.add_histograms, ingest.histograms(message))
+        except ingest.BadPayload as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+        if request.headers.get("content-type", "").startswith("application/json"):
+            return JSONResponse({})
+        return Response(b"", media_type="application/x-protobuf")
+
+    @app.post("/v1/traces", include_in_schema=False)
+    async def otlp_traces(request: Request) -> Response:
+        return await receive("traces", request)
+
+    @app.post("/v1/metrics", include_in_schema=False)
+    async def otlp_metrics(request: Request) -> Response:
+        return await receive("metrics", request)
+
+    @app.post("/v1/logs", include_in_schema=False)
+    async def otlp_logs(request: Request) -> Response:
+        return await receive("logs", request)
+
+    # -- JSON API -----------------------------------------------------------------
+
+    def window(text: str | None) -> float | None:
+        try:
+            return queries.parse_window(text)
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+
+    @app.get("/api/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "version": __version__, "db": store.path}
+
+    @app.get("/api/services")
+    def api_services() -> list[str]:
+        return queries.services(store)
+
+    @app.get("/api/routes")
+    def api_routes(service: str | None = None, window_: str | None = Query(None, alias="window")):
+        return queries.routes(store, service or None, window(window_))
+
+    @app.get("/api/overview")
+    def api_overview(window_: str = Query("1h", alias="window")) -> list[dict[str, Any]]:
+        return queries.overview(store, window(window_) or 3600.0)
+
+    @app.get("/api/findings")
+    def api_findings(kind: str | None = None, route: str | None = None) -> list[dict[str, Any]]:
+        if kind and kind not in ingest.FINDING_KINDS:
+            raise HTTPException(422, f"kind must be one of {sorted(ingest.FINDING_KINDS)}")
+        return queries.findings(store, kind, route)
+
+    @app.get("/api/traces/{trace_id}")
+    def api_trace(trace_id: str) -> dict[str, Any]:
+        found = queries.trace(store, trace_id.lower())
+        if found is None:
+            raise HTTPException(404, "no such trace")
+        return found
+
+    @app.get("/api/requests")
+    def api_requests(
+        filters: Annotated[RequestFilter, Depends()],
+        limit: int = Query(50, ge=1, le=500),
+        offset: int = Query(0, ge=0),
+    ) -> list[dict[str, Any]]:
+        return queries.requests(store, **asdict(filters), limit=limit, offset=offset)
+
+    @app.get("/api/live", include_in_schema=False)
+    async def live(request: Request) -> StreamingResponse:
+        return StreamingResponse(hub.stream(request), media_type="text/event-stream")
+
+    # -- pages --------------------------------------------------------------------
+
+    html = HTMLResponse
+
+    @app.get("/", response_class=html, include_in_schema=False)
+    def overview_page(window_: str = Query("1h", alias="window")) -> str:
+        return pages.overview(queries.overview(store, window(window_) or 3600.0), window_)
+
+    @app.get("/routes", response_class=html, include_in_schema=False)
+    def routes_page(
+        service: str | None = None, window_: str | None = Query(None, alias="window")
+    ) -> str:
+        return pages.routes(queries.routes(store, service or None, window(window_)), window_)
+
+    @app.get("/route", response_class=html, include_in_schema=False)
+    def route_page(service: str, route: str, method: str) -> str:
+        rows = [
+            r
+            for r in queries.routes(store, service)
+            if r["route"] == route and r["method"] == method
+        ]
+        slowest = queries.requests(store, service=service, route=route, limit=20)
+        slowest.sort(key=lambda s: s["duration_ms"], reverse=True)
+        found = [f for f in queries.findings(store, route=route) if f["service"] == service]
+        return pages.route(service, route, method, rows[0] if rows else None, slowest, found)
+
+    @app.get("/requests", response_class=html, include_in_schema=False)
+    def requests_page(
+        filters: Annotated[RequestFilter, Depends()], page: int = Query(1, ge=1)
+    ) -> str:
+        rows = queries.requests(store, **asdict(filters), limit=50, offset=(page - 1) * 50)
+        return pages.requests(rows, asdict(filters), page)
+
+    @app.get("/traces/{trace_id}", response_class=html, include_in_schema=False)
+    def trace_page(trace_id: str) -> str:
+        found = queries.trace(store, trace_id.lower())
+        if found is None:
+            raise HTTPException(404, "no such trace")
+        return pages.trace(found)
+
+    @app.get("/findings", response_class=html, include_in_schema=False)
+    def findings_page(kind: str | None = None) -> str:
+        return pages.findings(queries.findings(store, kind or None), kind)
+
+    return app
+
+
+def _live_request(row: Any) -> dict[str, Any]:
+    return {
+        "trace_id": row.trace_id,
+        "service": row.service,
+        "name": row.name,
+        "route": row.route,
+        "status": row.status,
+        "duration_ms": round(row.duration_ms, 3),
+        "events": [e["name"] for e in row.events],
+    }

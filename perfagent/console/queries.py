@@ -1,0 +1,295 @@
+"""What the console's API and pages show, computed from the store.
+
+Route percentiles come from the same histogram buckets Prometheus scrapes,
+merged across instances, and are interpolated the way PromQL's
+``histogram_quantile`` does, so the console and a Grafana panel agree.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import defaultdict
+from typing import Any
+
+from perfagent.console.store import Store
+
+APDEX_T_S = 0.25  # T and 4T (1 s) are both bucket boundaries, so Apdex is exact
+_WINDOW = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_window(text: str | None) -> float | None:
+    """'15m' -> 900.0; '' or None -> None (all time). Raises ValueError when malformed."""
+    if not text:
+        return None
+    match = _WINDOW.match(text.strip())
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError("window must look like 30s, 15m, 6h or 7d")
+    return float(match.group(1)) * _UNIT[match.group(2)]
+
+
+def quantile(q: float, bounds: list[float], counts: list[int]) -> float | None:
+    """PromQL-style quantile (seconds) of a histogram with non-cumulative counts."""
+    total = sum(counts)
+    if total == 0:
+        return None
+    rank = q * total
+    running = 0
+    for index, count in enumerate(counts):
+        if running + count >= rank and count > 0:
+            if index == len(bounds):  # the +Inf bucket: the highest finite bound
+                return bounds[-1] if bounds else None
+            lower = bounds[index - 1] if index > 0 else 0.0
+            upper = bounds[index]
+            return lower + (upper - lower) * (rank - running) / count
+        running += count
+    return bounds[-1] if bounds else None
+
+
+def _at_or_below(limit: float, bounds: list[float], counts: list[int]) -> int:
+    return sum(c for b, c in zip(bounds, counts, strict=False) if b <= limit)
+
+
+def _merge(into: dict[str, Any], count: int, total: float, bounds: list, counts: list) -> None:
+    if not into["bounds"]:
+        into["bounds"], into["counts"] = bounds, [0] * len(counts)
+    if into["bounds"] != bounds:
+        return  # a differently bucketed series cannot be merged exactly; left out
+    into["count"] += count
+    into["sum"] += total
+    into["counts"] = [a + b for a, b in zip(into["counts"], counts, strict=True)]
+
+
+def _series(store: Store, service: str | None, window_s: float | None) -> list[Any]:
+    if window_s is None:
+        sql = "SELECT service, method, route, status, count, sum, bounds, counts FROM histograms"
+        params: list[Any] = []
+        if service:
+            sql += " WHERE service = ?"
+            params.append(service)
+        return store.query(sql, params)
+    since = int((time.time() - window_s) // 60)
+    sql = (
+        "SELECT service, method, route, status, count, sum, bounds, counts "
+        "FROM route_minutes WHERE minute >= ?"
+    )
+    params = [since]
+    if service:
+        sql += " AND service = ?"
+        params.append(service)
+    return store.query(sql, params)
+
+
+def routes(store: Store, service: str | None = None, window_s: float | None = None) -> list[dict]:
+    groups: dict[tuple[str, str, str], dict[str, Any]] = defaultdict(
+        lambda: {"count": 0, "sum": 0.0, "errors": 0, "bounds": [], "counts": []}
+    )
+    for row in _series(store, service, window_s):
+        group = groups[(row["service"], row["route"], row["method"])]
+        before = group["count"]
+        _merge(
+            group, row["count"], row["sum"], json.loads(row["bounds"]), json.loads(row["counts"])
+        )
+        if (row["status"] or 0) >= 500 and group["count"] > before:
+            group["errors"] += row["count"]
+    queries = _queries_per_request(store, service)
+    out = []
+    for (svc, route, method), g in groups.items():
+        count = g["count"]
+        if not count:
+            continue
+        mean_ms = g["sum"] / count * 1000.0
+        satisfied = _at_or_below(APDEX_T_S, g["bounds"], g["counts"])
+        tolerating = _at_or_below(4 * APDEX_T_S, g["bounds"], g["counts"]) - satisfied
+        rate = count / window_s if window_s else None
+        out.append(
+            {
+                "service": svc,
+                "route": route,
+                "method": method,
+                "count": count,
+                "errors": g["errors"],
+                "error_rate": g["errors"] / count,
+                "rate_per_s": rate,
+                "mean_ms": mean_ms,
+                "p50_ms": _ms(quantile(0.50, g["bounds"], g["counts"])),
+                "p95_ms": _ms(quantile(0.95, g["bounds"], g["counts"])),
+                "p99_ms": _ms(quantile(0.99, g["bounds"], g["counts"])),
+                "apdex": (satisfied + tolerating / 2) / count,
+                "impact_ms": g["sum"] * 1000.0,  # total time spent: rate x mean, over the window
+                "queries_per_request": queries.get((svc, route, method)),
+            }
+        )
+    out.sort(key=lambda r: r["impact_ms"], reverse=True)
+    return out
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000.0, 3)
+
+
+def _queries_per_request(store: Store, service: str | None) -> dict[tuple, float]:
+    """Mean database spans per kept request, by route (from kept traces)."""
+    sql = (
+        "SELECT s.service, s.route, s.method, "
+        "nullif(count(c.span_id), 0) * 1.0 / count(DISTINCT s.span_id) "
+        "AS q FROM spans s LEFT JOIN spans c ON c.trace_id = s.trace_id AND c.kind = 3 "
+        "WHERE s.kind = 2" + (" AND s.service = ?" if service else "") + " GROUP BY 1, 2, 3"
+    )
+    rows = store.query(sql, [service] if service else [])
+    return {(r[0], r[1], r[2]): r[3] for r in rows}
+
+
+def services(store: Store) -> list[str]:
+    rows = store.query(
+        "SELECT service FROM histograms UNION SELECT DISTINCT service FROM spans ORDER BY 1"
+    )
+    return [r[0] for r in rows]
+
+
+def overview(store: Store, window_s: float) -> list[dict[str, Any]]:
+    """Per service: totals over the window and a per-minute series for charts."""
+    since = int((time.time() - window_s) // 60)
+    rows = store.query(
+        "SELECT minute, service, status, count, sum, bounds, counts FROM route_minutes "
+        "WHERE minute >= ? ORDER BY minute",
+        [since],
+    )
+    per_service: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        svc = per_service.setdefault(
+            row["service"],
+            {
+                "total": {"count": 0, "sum": 0.0, "bounds": [], "counts": []},
+                "errors": 0,
+                "minutes": {},
+            },
+        )
+        bounds, counts = json.loads(row["bounds"]), json.loads(row["counts"])
+        _merge(svc["total"], row["count"], row["sum"], bounds, counts)
+        minute = svc["minutes"].setdefault(
+            row["minute"], {"count": 0, "sum": 0.0, "bounds": [], "counts": [], "errors": 0}
+        )
+        _merge(minute, row["count"], row["sum"], bounds, counts)
+        if (row["status"] or 0) >= 500:
+            svc["errors"] += row["count"]
+            minute["errors"] += row["count"]
+    open_findings = {
+        r[0]: r[1]
+        for r in store.query(
+            "SELECT service, count(*) FROM findings WHERE last_seen >= ? GROUP BY service",
+            [time.time() - window_s],
+        )
+    }
+    out = []
+    for service, data in sorted(per_service.items()):
+        total = data["total"]
+        count = total["count"] or 1
+        satisfied = _at_or_below(APDEX_T_S, total["bounds"], total["counts"])
+        tolerating = _at_or_below(4 * APDEX_T_S, total["bounds"], total["counts"]) - satisfied
+        out.append(
+            {
+                "service": service,
+                "count": total["count"],
+                "rate_per_s": total["count"] / window_s,
+                "error_rate": data["errors"] / count,
+                "p50_ms": _ms(quantile(0.50, total["bounds"], total["counts"])),
+                "p95_ms": _ms(quantile(0.95, total["bounds"], total["counts"])),
+                "p99_ms": _ms(quantile(0.99, total["bounds"], total["counts"])),
+                "apdex": (satisfied + tolerating / 2) / count,
+                "findings": open_findings.get(service, 0),
+                "series": [
+                    {
+                        "minute": minute,
+                        "count": m["count"],
+                        "errors": m["errors"],
+                        "p95_ms": _ms(quantile(0.95, m["bounds"], m["counts"])),
+                    }
+                    for minute, m in sorted(data["minutes"].items())
+                ],
+            }
+        )
+    return out
+
+
+_FINDING_COLUMNS = "kind, service, first_seen, last_seen, occurrences, example_trace_id, data"
+
+
+def findings(store: Store, kind: str | None = None, route: str | None = None) -> list[dict]:
+    sql = f"SELECT {_FINDING_COLUMNS} FROM findings"
+    clauses, params = [], []
+    if kind:
+        clauses.append("kind = ?")
+        params.append(kind)
+    if route is not None:
+        clauses.append("route = ?")
+        params.append(route)
+    if clauses:
+        sql += " WHERE " + " AND ".join(clauses)
+    sql += " ORDER BY last_seen DESC LIMIT 500"
+    out = []
+    for row in store.query(sql, params):
+        item = json.loads(row["data"])
+        item.update(
+            kind=row["kind"],
+            service=row["service"],
+            first_seen=row["first_seen"],
+            last_seen=row["last_seen"],
+            occurrences=row["occurrences"],
+            example_trace_id=row["example_trace_id"],
+        )
+        out.append(item)
+    return out
+
+
+_SPAN_COLUMNS = (
+    "trace_id, span_id, parent_span_id, service, name, kind, start_ns, end_ns, duration_ms, "
+    "route, method, status, error, attributes, events"
+)
+
+
+def _span(row: Any) -> dict[str, Any]:
+    # sqlite3.Row iterates over values; its keys() are the column names.
+    span = {k: row[k] for k in row.keys() if k not in ("attributes", "events")}  # noqa: SIM118
+    span["attributes"] = json.loads(row["attributes"])
+    span["events"] = json.loads(row["events"])
+    return span
+
+
+def trace(store: Store, trace_id: str) -> dict[str, Any] | None:
+    rows = store.query(
+        f"SELECT {_SPAN_COLUMNS} FROM spans WHERE trace_id = ? ORDER BY start_ns", [trace_id]
+    )
+    if not rows:
+        return None
+    return {"trace_id": trace_id, "spans": [_span(r) for r in rows]}
+
+
+def requests(
+    store: Store,
+    *,
+    service: str | None = None,
+    route: str | None = None,
+    status: int | None = None,
+    min_ms: float | None = None,
+    has_finding: bool | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> list[dict[str, Any]]:
+    clauses, params = ["kind = 2"], []
+    for column, value in (("service", service), ("route", route), ("status", status)):
+        if value is not None and value != "":
+            clauses.append(f"{column} = ?")
+            params.append(value)
+    if min_ms is not None:
+        clauses.append("duration_ms >= ?")
+        params.append(min_ms)
+    if has_finding is not None:
+        clauses.append("findings > 0" if has_finding else "findings = 0")
+    sql = (
+        f"SELECT {_SPAN_COLUMNS} FROM spans WHERE {' AND '.join(clauses)} "
+        "ORDER BY start_ns DESC LIMIT ? OFFSET ?"
+    )
+    return [_span(r) for r in store.query(sql, [*params, limit, offset])]

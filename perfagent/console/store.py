@@ -1,0 +1,327 @@
+"""The console's SQLite store: spans, findings and per-route histograms.
+
+One file in WAL mode, created on first run. Writes go through one connection
+under a lock (each OTLP request is one transaction, all or nothing); reads use
+a connection per thread, which WAL lets run beside the writer. Retention is
+bounded by age and by file size, enforced on a timer.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS spans (
+    trace_id TEXT NOT NULL,
+    span_id TEXT NOT NULL,
+    parent_span_id TEXT NOT NULL,
+    service TEXT NOT NULL,
+    name TEXT NOT NULL,
+    kind INTEGER NOT NULL,
+    start_ns INTEGER NOT NULL,
+    end_ns INTEGER NOT NULL,
+    duration_ms REAL NOT NULL,
+    route TEXT NOT NULL,
+    method TEXT NOT NULL,
+    status INTEGER,
+    error TEXT,
+    attributes TEXT NOT NULL,
+    events TEXT NOT NULL,
+    findings INTEGER NOT NULL,
+    received REAL NOT NULL,
+    PRIMARY KEY (trace_id, span_id)
+);
+CREATE INDEX IF NOT EXISTS spans_requests ON spans (kind, start_ns);
+CREATE INDEX IF NOT EXISTS spans_route ON spans (service, route, kind);
+CREATE INDEX IF NOT EXISTS spans_received ON spans (received);
+
+CREATE TABLE IF NOT EXISTS findings (
+    key TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    service TEXT NOT NULL,
+    route TEXT,
+    method TEXT,
+    callsite TEXT,
+    fingerprint TEXT,
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    occurrences INTEGER NOT NULL,
+    example_trace_id TEXT,
+    data TEXT NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS histograms (
+    stream TEXT PRIMARY KEY,
+    service TEXT NOT NULL,
+    method TEXT NOT NULL,
+    route TEXT NOT NULL,
+    status INTEGER,
+    time_ns INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    sum REAL NOT NULL,
+    bounds TEXT NOT NULL,
+    counts TEXT NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS route_minutes (
+    minute INTEGER NOT NULL,
+    service TEXT NOT NULL,
+    method TEXT NOT NULL,
+    route TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    sum REAL NOT NULL,
+    bounds TEXT NOT NULL,
+    counts TEXT NOT NULL,
+    PRIMARY KEY (minute, service, method, route, status)
+);
+"""
+
+
+@dataclass(frozen=True)
+class Retention:
+    max_age_s: float = 7 * 86400.0
+    max_mb: float = 512.0
+
+
+@dataclass
+class SpanRow:
+    trace_id: str
+    span_id: str
+    parent_span_id: str
+    service: str
+    name: str
+    kind: int
+    start_ns: int
+    end_ns: int
+    route: str
+    method: str
+    status: int | None
+    error: str | None
+    attributes: dict[str, Any]
+    events: list[dict[str, Any]]
+
+    @property
+    def duration_ms(self) -> float:
+        return max(0, self.end_ns - self.start_ns) / 1e6
+
+
+@dataclass
+class FindingRow:
+    kind: str
+    service: str
+    time_s: float
+    trace_id: str
+    fields: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        f = self.fields
+        parts = (self.kind, self.service, f.get("route"), f.get("method"))
+        parts += (f.get("fingerprint"), f.get("callsite"))
+        return json.dumps(parts)
+
+
+@dataclass
+class HistogramPoint:
+    service: str
+    instance: str
+    start_ns: int
+    time_ns: int
+    method: str
+    route: str
+    status: int | None
+    count: int
+    sum: float
+    bounds: list[float]
+    counts: list[int]
+
+    @property
+    def stream(self) -> str:
+        return json.dumps(
+            [self.service, self.instance, self.start_ns, self.method, self.route, self.status]
+        )
+
+
+class Store:
+    def __init__(self, path: Path | str, retention: Retention | None = None) -> None:
+        self.path = str(path)
+        self.retention = retention or Retention()
+        self._lock = threading.Lock()
+        self._writer = self._connect(new_file_pragma="PRAGMA auto_vacuum=INCREMENTAL")
+        self._writer.executescript(_SCHEMA)
+        self._local = threading.local()
+
+    def _connect(self, new_file_pragma: str = "") -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        if new_file_pragma:
+            # Before anything writes the header: lets deletions give space back to the disk.
+            conn.execute(new_file_pragma)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        return conn
+
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+            conn.row_factory = sqlite3.Row
+        return conn
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        return self._reader().execute(sql, params).fetchall()
+
+    # -- writes -------------------------------------------------------------
+
+    def add_spans(self, spans: Iterable[SpanRow]) -> int:
+        now = time.time()
+        rows = [
+            (
+                s.trace_id,
+                s.span_id,
+                s.parent_span_id,
+                s.service,
+                s.name,
+                s.kind,
+                s.start_ns,
+                s.end_ns,
+                s.duration_ms,
+                s.route,
+                s.method,
+                s.status,
+                s.error,
+                json.dumps(s.attributes),
+                json.dumps(s.events),
+                len(s.events),
+                now,
+            )
+            for s in spans
+        ]
+        with self._lock, self._writer:
+            self._writer.execute("BEGIN")
+            self._writer.executemany(
+                "INSERT OR REPLACE INTO spans VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows
+            )
+        return len(rows)
+
+    def add_findings(self, findings: Iterable[FindingRow]) -> None:
+        with self._lock, self._writer:
+            self._writer.execute("BEGIN")
+            for f in findings:
+                fields = f.fields
+                self._writer.execute(
+                    """
+                    INSERT INTO findings VALUES (?,?,?,?,?,?,?,?,?,1,?,?)
+                    ON CONFLICT (key) DO UPDATE SET
+                        last_seen = max(last_seen, excluded.last_seen),
+                        first_seen = min(first_seen, excluded.first_seen),
+                        occurrences = occurrences + 1,
+                        example_trace_id = coalesce(excluded.example_trace_id, example_trace_id),
+                        data = excluded.data
+                    """,
+                    (
+                        f.key,
+                        f.kind,
+                        f.service,
+                        fields.get("route"),
+                        fields.get("method"),
+                        fields.get("callsite"),
+                        fields.get("fingerprint"),
+                        f.time_s,
+                        f.time_s,
+                        f.trace_id or None,
+                        json.dumps(fields),
+                    ),
+                )
+
+    def add_histograms(self, points: Iterable[HistogramPoint]) -> None:
+        """Keeps the latest cumulative point per stream, and per-minute deltas for windows."""
+        with self._lock, self._writer:
+            self._writer.execute("BEGIN")
+            for p in points:
+                before = self._writer.execute(
+                    "SELECT count, sum, counts FROM histograms WHERE stream = ?", (p.stream,)
+                ).fetchone()
+                delta_count, delta_sum, delta_counts = p.count, p.sum, p.counts
+                if before is not None:
+                    old_counts = json.loads(before[2])
+                    if p.count < before[0] or len(old_counts) != len(p.counts):
+                        continue  # out of order, or a stale point: keep the newer one
+                    delta_count, delta_sum = p.count - before[0], p.sum - before[1]
+                    delta_counts = [a - b for a, b in zip(p.counts, old_counts, strict=True)]
+                self._writer.execute(
+                    "INSERT OR REPLACE INTO histograms VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        p.stream,
+                        p.service,
+                        p.method,
+                        p.route,
+                        p.status,
+                        p.time_ns,
+                        p.count,
+                        p.sum,
+                        json.dumps(p.bounds),
+                        json.dumps(p.counts),
+                    ),
+                )
+                if delta_count <= 0:
+                    continue
+                minute = p.time_ns // 60_000_000_000
+                key = (minute, p.service, p.method, p.route, p.status or 0)
+                row = self._writer.execute(
+                    "SELECT count, sum, counts FROM route_minutes WHERE minute=? AND service=? "
+                    "AND method=? AND route=? AND status=?",
+                    key,
+                ).fetchone()
+                if row is not None and len(json.loads(row[2])) == len(delta_counts):
+                    merged = [a + b for a, b in zip(json.loads(row[2]), delta_counts, strict=True)]
+                    delta_count, delta_sum = delta_count + row[0], delta_sum + row[1]
+                    delta_counts = merged
+                self._writer.execute(
+                    "INSERT OR REPLACE INTO route_minutes VALUES (?,?,?,?,?,?,?,?,?)",
+                    (*key, delta_count, delta_sum, json.dumps(p.bounds), json.dumps(delta_counts)),
+                )
+
+    # -- retention ----------------------------------------------------------
+
+    def size_mb(self) -> float:
+        pages = self._writer.execute("PRAGMA page_count").fetchone()[0]
+        page_size = self._writer.execute("PRAGMA page_size").fetchone()[0]
+        free = self._writer.execute("PRAGMA freelist_count").fetchone()[0]
+        return (pages - free) * page_size / 1e6
+
+    def enforce_retention(self) -> int:
+        """Deletes what is too old, then the oldest spans until the file fits. Returns rows."""
+        removed = 0
+        cutoff = time.time() - self.retention.max_age_s
+        with self._lock:
+            removed += self._writer.execute(
+                "DELETE FROM spans WHERE received < ?", (cutoff,)
+            ).rowcount
+            self._writer.execute("DELETE FROM findings WHERE last_seen < ?", (cutoff,))
+            self._writer.execute("DELETE FROM route_minutes WHERE minute < ?", (int(cutoff // 60),))
+            while self.size_mb() > self.retention.max_mb:
+                total = self._writer.execute("SELECT count(*) FROM spans").fetchone()[0]
+                deleted = self._writer.execute(
+                    "DELETE FROM spans WHERE rowid IN "
+                    "(SELECT rowid FROM spans ORDER BY received LIMIT ?)",
+                    (max(100, total // 20),),  # oldest 5% at a time
+                ).rowcount
+                removed += deleted
+                if not deleted:
+                    break
+            # It frees one page per step; executescript() steps it to the end.
+            self._writer.executescript("PRAGMA incremental_vacuum;")
+            self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return removed
+
+    def close(self) -> None:
+        self._writer.close()
