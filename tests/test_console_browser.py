@@ -89,6 +89,11 @@ def test_console_pages_in_a_real_browser(servers, tmp_path, page):
     assert "/items/{item_id}" in table.inner_text()
     assert "/sleep" in table.inner_text() and "/hello" in table.inner_text()
     page.screenshot(path=str(ARTIFACTS / "routes.png"), full_page=True)
+    page.locator("table#routes a", has_text="/items/{item_id}").click()
+    page.wait_for_url("**/route?*")
+    assert page.locator("svg[aria-label='p95 ms per minute']").count() == 1
+    assert "20" in page.locator("table#routes").inner_text()
+    page.screenshot(path=str(ARTIFACTS / "route.png"), full_page=True)
 
     # Findings: clicking a finding's example opens its trace.
     page.goto(console.base + "/findings")

@@ -224,10 +224,11 @@ def create_app(store: Store, config: ConsoleConfig | None = None) -> FastAPI:
             for r in queries.routes(store, service)
             if r["route"] == route and r["method"] == method
         ]
-        slowest = queries.requests(store, service=service, route=route, limit=20)
-        slowest.sort(key=lambda s: s["duration_ms"], reverse=True)
+        slowest = queries.requests(store, service=service, route=route, limit=20, slowest=True)
         found = [f for f in queries.findings(store, route=route) if f["service"] == service]
-        return pages.route(service, route, method, rows[0] if rows else None, slowest, found)
+        series = queries.route_series(store, service, route, method)
+        stats = rows[0] if rows else None
+        return pages.route(service, route, method, stats, series, slowest, found)
 
     @app.get("/requests", response_class=html, include_in_schema=False)
     def requests_page(

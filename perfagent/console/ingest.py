@@ -155,7 +155,18 @@ def spans(request: ExportTraceServiceRequest) -> list[SpanRow]:
                         ],
                     )
                 )
+    _count_db_queries(rows)
     return rows
+
+
+def _count_db_queries(rows: list[SpanRow]) -> None:
+    queries: dict[str, int] = {}
+    for row in rows:
+        if row.kind == 3 and "db.system.name" in row.attributes:
+            queries[row.trace_id] = queries.get(row.trace_id, 0) + 1
+    for row in rows:
+        if row.kind == 2:
+            row.db_queries = queries.get(row.trace_id, 0)
 
 
 def findings(request: ExportLogsServiceRequest) -> list[FindingRow]:

@@ -121,6 +121,8 @@ def _link(path: str, **params: Any) -> str:
 
 
 def _table(table_id: str, head: str, rows: list[str]) -> str:
+    if not rows:
+        rows = ['<tr><td colspan="12" class="muted">Nothing recorded yet.</td></tr>']
     return (
         f'<table class="sortable" id="{table_id}"><thead>{head}</thead>'
         f"<tbody>{''.join(rows)}</tbody></table>"
@@ -277,6 +279,7 @@ def route(
     route_name: str,
     method: str,
     stats: dict[str, Any] | None,
+    series: list[dict[str, Any]],
     slowest: list[dict[str, Any]],
     found: list[dict[str, Any]],
 ) -> str:
@@ -284,6 +287,10 @@ def route(
     parts = [f"<h1>{h(method)} {name} <span class=muted>{h(service)}</span></h1>"]
     if stats:
         parts.append(_routes_table([stats]))
+    parts.append("<h2>Latency, last 24 hours</h2>")
+    parts.append(_chart(series, "p95_ms", "p95 ms per minute"))
+    parts.append(_chart(series, "p50_ms", "p50 ms per minute"))
+    parts.append(_chart(series, "count", "requests per minute"))
     parts.append("<h2>Slowest kept requests</h2>" + _requests_table(slowest))
     parts.append("<h2>Findings</h2>" + _findings_table(found))
     return layout(route_name or "route", "/routes", "".join(parts))

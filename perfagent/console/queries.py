@@ -131,13 +131,9 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def _queries_per_request(store: Store, service: str | None) -> dict[tuple, float]:
-    """Mean database spans per kept request, by route (from kept traces)."""
-    sql = (
-        "SELECT s.service, s.route, s.method, "
-        "nullif(count(c.span_id), 0) * 1.0 / count(DISTINCT s.span_id) "
-        "AS q FROM spans s LEFT JOIN spans c ON c.trace_id = s.trace_id AND c.kind = 3 "
-        "WHERE s.kind = 2" + (" AND s.service = ?" if service else "") + " GROUP BY 1, 2, 3"
-    )
+    """Mean database queries per kept request, by route; absent where none were seen."""
+    sql = "SELECT service, route, method, queries * 1.0 / requests FROM route_queries"
+    sql += " WHERE queries > 0" + (" AND service = ?" if service else "")
     rows = store.query(sql, [service] if service else [])
     return {(r[0], r[1], r[2]): r[3] for r in rows}
 
@@ -214,6 +210,35 @@ def overview(store: Store, window_s: float) -> list[dict[str, Any]]:
     return out
 
 
+def route_series(
+    store: Store, service: str, route: str, method: str, window_s: float = 86400.0
+) -> list[dict[str, Any]]:
+    """One route's requests, errors and p50/p95 per minute, for its chart."""
+    rows = store.query(
+        "SELECT minute, status, count, sum, bounds, counts FROM route_minutes "
+        "WHERE service = ? AND route = ? AND method = ? AND minute >= ? ORDER BY minute",
+        [service, route, method, int((time.time() - window_s) // 60)],
+    )
+    minutes: dict[int, dict[str, Any]] = {}
+    for row in rows:
+        m = minutes.setdefault(
+            row["minute"], {"count": 0, "sum": 0.0, "bounds": [], "counts": [], "errors": 0}
+        )
+        _merge(m, row["count"], row["sum"], json.loads(row["bounds"]), json.loads(row["counts"]))
+        if row["status"] >= 500:
+            m["errors"] += row["count"]
+    return [
+        {
+            "minute": minute,
+            "count": m["count"],
+            "errors": m["errors"],
+            "p50_ms": _ms(quantile(0.50, m["bounds"], m["counts"])),
+            "p95_ms": _ms(quantile(0.95, m["bounds"], m["counts"])),
+        }
+        for minute, m in sorted(minutes.items())
+    ]
+
+
 _FINDING_COLUMNS = "kind, service, first_seen, last_seen, occurrences, example_trace_id, data"
 
 
@@ -277,6 +302,7 @@ def requests(
     has_finding: bool | None = None,
     limit: int = 50,
     offset: int = 0,
+    slowest: bool = False,
 ) -> list[dict[str, Any]]:
     clauses, params = ["kind = 2"], []
     for column, value in (("service", service), ("route", route), ("status", status)):
@@ -290,6 +316,6 @@ def requests(
         clauses.append("findings > 0" if has_finding else "findings = 0")
     sql = (
         f"SELECT {_SPAN_COLUMNS} FROM spans WHERE {' AND '.join(clauses)} "
-        "ORDER BY start_ns DESC LIMIT ? OFFSET ?"
+        f"ORDER BY {'duration_ms' if slowest else 'start_ns'} DESC LIMIT ? OFFSET ?"
     )
     return [_span(r) for r in store.query(sql, [*params, limit, offset])]

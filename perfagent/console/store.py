@@ -35,12 +35,22 @@ CREATE TABLE IF NOT EXISTS spans (
     attributes TEXT NOT NULL,
     events TEXT NOT NULL,
     findings INTEGER NOT NULL,
+    db_queries INTEGER NOT NULL,
     received REAL NOT NULL,
     PRIMARY KEY (trace_id, span_id)
 );
 CREATE INDEX IF NOT EXISTS spans_requests ON spans (kind, start_ns);
 CREATE INDEX IF NOT EXISTS spans_route ON spans (service, route, kind);
 CREATE INDEX IF NOT EXISTS spans_received ON spans (received);
+
+CREATE TABLE IF NOT EXISTS route_queries (
+    service TEXT NOT NULL,
+    route TEXT NOT NULL,
+    method TEXT NOT NULL,
+    requests INTEGER NOT NULL,
+    queries INTEGER NOT NULL,
+    PRIMARY KEY (service, route, method)
+);
 
 CREATE TABLE IF NOT EXISTS findings (
     key TEXT PRIMARY KEY,
@@ -107,6 +117,9 @@ class SpanRow:
     error: str | None
     attributes: dict[str, Any]
     events: list[dict[str, Any]]
+    #: Database CLIENT spans under this span in the same payload (an agent sends a
+    #: request's spans together); counted at ingest so no page has to join spans.
+    db_queries: int = 0
 
     @property
     def duration_ms(self) -> float:
@@ -123,10 +136,13 @@ class FindingRow:
 
     @property
     def key(self) -> str:
+        """What makes two findings the same one: N+1s by route, query shape and call site;
+        loop blocks by the line that blocked, whatever was running; slow requests by route."""
         f = self.fields
+        if self.kind == "event_loop_blocked":
+            return json.dumps((self.kind, self.service, f.get("callsite")))
         parts = (self.kind, self.service, f.get("route"), f.get("method"))
-        parts += (f.get("fingerprint"), f.get("callsite"))
-        return json.dumps(parts)
+        return json.dumps((*parts, f.get("fingerprint"), f.get("callsite")))
 
 
 @dataclass
@@ -181,7 +197,7 @@ class Store:
 
     # -- writes -------------------------------------------------------------
 
-    def add_spans(self, spans: Iterable[SpanRow]) -> int:
+    def add_spans(self, spans: list[SpanRow]) -> int:
         now = time.time()
         rows = [
             (
@@ -201,6 +217,7 @@ class Store:
                 json.dumps(s.attributes),
                 json.dumps(s.events),
                 len(s.events),
+                s.db_queries,
                 now,
             )
             for s in spans
@@ -208,7 +225,13 @@ class Store:
         with self._lock, self._writer:
             self._writer.execute("BEGIN")
             self._writer.executemany(
-                "INSERT OR REPLACE INTO spans VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows
+                "INSERT OR REPLACE INTO spans VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows
+            )
+            # Queries per kept request, kept per route so the routes page reads one small table.
+            self._writer.executemany(
+                "INSERT INTO route_queries VALUES (?,?,?,1,?) ON CONFLICT DO UPDATE SET "
+                "requests = requests + 1, queries = queries + excluded.queries",
+                [(s.service, s.route, s.method, s.db_queries) for s in spans if s.kind == 2],
             )
         return len(rows)
 
