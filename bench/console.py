@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import socket
 import statistics
 import subprocess
@@ -178,6 +179,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=512, help="requests per OTLP post")
     args = parser.parse_args()
     os.sched_setaffinity(0, {1})
+    # A SIGTERM (timeout, Ctrl-C in a pipeline) still runs the finally below.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

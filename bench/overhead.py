@@ -226,6 +226,7 @@ def main() -> int:
         "--memory", action="store_true", help="also 100k and 1M requests on 10k paths"
     )
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the finally blocks still run
     for tool in ("wrk", "taskset"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is needed: apt-get install -y wrk util-linux")

@@ -6,6 +6,7 @@ every patch, so nothing about the agent lives in mutable module globals.
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Callable
 from time import perf_counter
@@ -42,6 +43,7 @@ class Agent:
         self._slow_s = settings.slow_ms / 1000.0  # read per request: a plain attribute
         self.sampler = Sampler.from_environment(settings.trace_sample)
         self.thread = AgentThread(self.internal_error)
+        self.thread.every(1.0, self.metrics.stats.flush)
         self.exporter = Exporter(
             settings.console_url,
             settings.service_name,
@@ -67,6 +69,7 @@ class Agent:
     # -- lifecycle ---------------------------------------------------------
 
     def start(self) -> None:
+        atexit.register(self.metrics.stats.flush)  # what the last second recorded
         if os.environ.get(RUNNER_ENV) or not self.settings.metrics_port:
             return
         registry = serving_registry(
@@ -87,7 +90,9 @@ class Agent:
 
     def stop(self) -> None:
         self.running = False
+        atexit.unregister(self.metrics.stats.flush)
         self.thread.stop()
+        self.metrics.stats.flush()
         self.exporter.close()
         for hooks in self.import_hooks:
             hooks.remove()
@@ -105,6 +110,7 @@ class Agent:
     def after_fork_in_child(self) -> None:
         # The parent keeps serving /metrics; a forked worker must not try to.
         self._metrics_server = None
+        self.metrics.stats.after_fork_in_child()
         self.thread.after_fork_in_child()
         self.exporter.after_fork_in_child()
 

@@ -15,11 +15,13 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import perfagent
+from perfagent.export.metrics import serving_registry
 from perfagent.logs import RequestContextFilter, add_request_context
 
 
 def _counts():
-    registry = perfagent._state["agent"].metrics.registry
+    """What /metrics would show for this process (the same registry it serves)."""
+    registry = serving_registry(perfagent._state["agent"].metrics, None)
     text = generate_latest(registry).decode()
     return request_counts([s for f in text_string_to_metric_families(text) for s in f.samples])
 

@@ -159,6 +159,7 @@ class Exporter:
         target = self._targets["metrics"]
         if time.monotonic() < target.retry_at:
             return
+        self._metrics.stats.flush()
         body, total = encode_request_histogram(
             self._metrics.request_duration, self._res(), self._start_ns
         )
