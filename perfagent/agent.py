@@ -72,9 +72,7 @@ class Agent:
         atexit.register(self.metrics.stats.flush)  # what the last second recorded
         if os.environ.get(RUNNER_ENV) or not self.settings.metrics_port:
             return
-        registry = serving_registry(
-            self.metrics.registry, os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-        )
+        registry = serving_registry(self.metrics, os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         try:
             self._metrics_server = start_server(
                 registry, self.settings.metrics_host, self.settings.metrics_port

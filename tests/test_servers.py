@@ -103,3 +103,18 @@ def test_random_404_paths_add_no_series(servers):
             session.get(f"{server.base}/{os.urandom(6).hex()}/{i}", timeout=10)
     counted = wait_for_counts(metrics_port, 1000)
     assert counted == Counter({("GET", "", "404"): 1000})
+
+
+def test_init_in_code_serves_its_own_metrics(servers):
+    port, metrics_port = free_port(), free_port()
+    env = clean_env(
+        PERFAGENT_METRICS_PORT=str(metrics_port), PERFAGENT_CONSOLE_URL="http://127.0.0.1:9"
+    )
+    server = servers(["uvicorn", "init_app:app", "--port", str(port)], port, env)
+    server.wait_listening()
+    for i in range(7):
+        assert server.get(f"/orders/{i}").headers["server-timing"].startswith("total;dur=")
+    # Served in-process: every scrape merges what was recorded, so it is exact at once.
+    assert wait_for_counts(metrics_port, 7, timeout=5) == Counter(
+        {("GET", "/orders/{order_id}", "200"): 7}
+    )
