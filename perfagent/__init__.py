@@ -41,6 +41,7 @@ def init(app: Any = None, **settings: Any) -> None:
             instrumentations = Instrumentations(agent)
             _state["agent"], _state["instrumentations"] = agent, instrumentations
             agent.start()
+            instrumentations.instrument_databases()
             if not _state["fork_hook"]:
                 os.register_at_fork(after_in_child=_after_fork_in_child)
                 _state["fork_hook"] = True

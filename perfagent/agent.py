@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import threading
 from collections.abc import Callable
 from time import perf_counter
 from typing import Any
@@ -16,12 +17,18 @@ from prometheus_client import CollectorRegistry
 
 from perfagent.background import AgentThread
 from perfagent.config import Settings
+from perfagent.db.capture import QueryCapture
+from perfagent.detectors.nplusone import NPlusOneDetector
 from perfagent.export.exporter import Exporter
 from perfagent.export.logs import make_logger
 from perfagent.export.metrics import Metrics, serving_registry, start_server
 from perfagent.patching import Patch, PostImportHooks
 from perfagent.record import RequestRecord
 from perfagent.tracecontext import Sampler
+
+#: Query findings of one kind, route, shape and call site are exported at most this often.
+REPEAT_EVERY_S = 10.0
+_THROTTLED = frozenset(("n_plus_one", "duplicate_query"))
 
 #: Set by ``perfagent run`` in the server's environment: the runner serves /metrics.
 RUNNER_ENV = "PERFAGENT_RUNNER"
@@ -40,6 +47,12 @@ class Agent:
         self.apps: list[Any] = []  # apps given to init(app), to undo on shutdown
         self._metrics_server: Any = None
         self._errors_logged: set[str] = set()
+        self._recent: dict[tuple, list] = {}  # finding key -> [last exported, repeats since]
+        #: True while the loop that serves requests has no watchdog yet: the ASGI
+        #: adapter reads this one attribute per call and calls watch_loop() once.
+        self.loop_watch_pending = True
+        self.loop_watchdog: Any = None
+        self._watch_lock = threading.Lock()
         self._slow_s = settings.slow_ms / 1000.0  # read per request: a plain attribute
         self.sampler = Sampler.from_environment(settings.trace_sample)
         self.thread = AgentThread(self.internal_error)
@@ -52,10 +65,12 @@ class Agent:
             settings.export_interval_s,
         )
         self.otel = self._otel_bridge()
+        self.capture = QueryCapture(self.internal_error)
         self.steps: list[Step] = [
             self.metrics.request_ended,
             self._detect_slow,
-            self._keep_trace,
+            NPlusOneDetector(self, self.capture),
+            self._keep_trace,  # last: every finding above makes the request's trace kept
         ]
 
     def _otel_bridge(self) -> Any:
@@ -88,6 +103,10 @@ class Agent:
 
     def stop(self) -> None:
         self.running = False
+        self.loop_watch_pending = False
+        watchdog, self.loop_watchdog = self.loop_watchdog, None
+        if watchdog is not None:
+            watchdog.stop()
         atexit.unregister(self.metrics.stats.flush)
         self.thread.stop()
         self.metrics.stats.flush()
@@ -108,9 +127,38 @@ class Agent:
     def after_fork_in_child(self) -> None:
         # The parent keeps serving /metrics; a forked worker must not try to.
         self._metrics_server = None
+        self.loop_watchdog = None  # its thread and its loop stayed in the parent
+        self.loop_watch_pending = self.running
+        self._watch_lock = threading.Lock()
         self.metrics.stats.after_fork_in_child()
         self.thread.after_fork_in_child()
         self.exporter.after_fork_in_child()
+
+    def watch_loop(self) -> None:
+        """Starts the event-loop watchdog on the running loop; never raises.
+
+        Called by the ASGI adapter on the loop's own thread (lifespan or first
+        request), so it watches the loop that serves requests, in every worker.
+        """
+        with self._watch_lock:
+            if not self.loop_watch_pending:
+                return
+            self.loop_watch_pending = False
+            if not self.running:
+                return
+            try:
+                from perfagent.detectors.eventloop import watch_running_loop
+
+                self.loop_watchdog = watch_running_loop(self)
+            except Exception as exc:
+                self.internal_error("watch_loop", exc)
+
+    def loop_watchdog_ended(self, watchdog: Any) -> None:
+        """The watchdog's loop closed: the next loop to serve a request gets a new one."""
+        with self._watch_lock:
+            if self.loop_watchdog is watchdog:
+                self.loop_watchdog = None
+                self.loop_watch_pending = self.running
 
     # -- per request -------------------------------------------------------
 
@@ -165,10 +213,29 @@ class Agent:
         self.report("slow_request", fields, record)
 
     def report(self, kind: str, fields: dict[str, Any], record: RequestRecord | None) -> None:
-        """A finding: on the request's trace, in the log, and to the console."""
+        """A finding: in the log every time; on the trace and to the console when fresh.
+
+        Query findings (N+1, duplicates) repeat on every request of a route until
+        the code is fixed; after the first, the same finding (kind, route, query
+        shape, call site) is exported and keeps its trace at most once per
+        ``REPEAT_EVERY_S``, with ``repeats`` counting what was folded in, so the
+        console's occurrence totals stay exact without a trace per request.
+        """
+        self.log.warning(kind, **fields)
+        if kind in _THROTTLED:
+            key = (kind, fields.get("route"), fields.get("fingerprint"), fields.get("callsite"))
+            now = perf_counter()
+            seen = self._recent.get(key)
+            if seen is not None and now - seen[0] < REPEAT_EVERY_S:
+                seen[1] += 1
+                return
+            if len(self._recent) >= 10_000:
+                self._recent.clear()
+            self._recent[key] = [now, 0]
+            if seen is not None and seen[1]:
+                fields = {**fields, "repeats": seen[1] + 1}
         if record is not None:
             record.add_finding(kind, fields)
-        self.log.warning(kind, **fields)
         self.exporter.submit_finding(kind, fields, record)
 
     def _keep_trace(self, record: RequestRecord) -> None:

@@ -38,6 +38,7 @@ class RequestRecord:
         "_span_id",
         "_trace_id",
         "carrier",
+        "db_time",
         "done",
         "end",
         "error_type",
@@ -49,6 +50,7 @@ class RequestRecord:
         "mount_prefix",
         "otel_context",
         "parent",
+        "queries",
         "resolver",
         "response_start",
         "route",
@@ -81,6 +83,10 @@ class RequestRecord:
         #: True when another instrumentation (OpenTelemetry's, FastAPI's) makes the
         #: server span: the agent then neither exports one nor invents trace ids.
         self.foreign = False
+        #: Database queries issued while serving the request; None while there are none.
+        self.queries: list[Any] | None = None
+        #: Seconds spent in those queries (for the ``db`` part of Server-Timing).
+        self.db_time = 0.0
         #: Findings of the detectors, as (event name, fields) pairs; None while there are none.
         self.findings: list[tuple[str, dict[str, Any]]] | None = None
         #: True once the request is to be exported as a trace.

@@ -403,7 +403,7 @@ def _findings_table(found: list[dict[str, Any]]) -> str:
 def findings(found: list[dict[str, Any]], kind: str | None) -> str:
     kinds = " · ".join(
         f'<a href="{_link("/findings", kind=k)}">{k or "all"}</a>'
-        for k in ("", "slow_request", "n_plus_one", "event_loop_blocked")
+        for k in ("", "slow_request", "n_plus_one", "duplicate_query", "event_loop_blocked")
     )
     return layout(
         "Findings",

@@ -166,6 +166,12 @@ class HistogramPoint:
         )
 
 
+def _repeats(fields: dict[str, Any]) -> int:
+    """How many occurrences one finding stands for (agents fold repeats together)."""
+    value = fields.get("repeats", 1)
+    return value if isinstance(value, int) and 1 <= value <= 1_000_000_000 else 1
+
+
 class Store:
     def __init__(self, path: Path | str, retention: Retention | None = None) -> None:
         self.path = str(path)
@@ -242,11 +248,11 @@ class Store:
                 fields = f.fields
                 self._writer.execute(
                     """
-                    INSERT INTO findings VALUES (?,?,?,?,?,?,?,?,?,1,?,?)
+                    INSERT INTO findings VALUES (?,?,?,?,?,?,?,?,?,?,?,?)
                     ON CONFLICT (key) DO UPDATE SET
                         last_seen = max(last_seen, excluded.last_seen),
                         first_seen = min(first_seen, excluded.first_seen),
-                        occurrences = occurrences + 1,
+                        occurrences = occurrences + excluded.occurrences,
                         example_trace_id = coalesce(excluded.example_trace_id, example_trace_id),
                         data = excluded.data
                     """,
@@ -260,6 +266,7 @@ class Store:
                         fields.get("fingerprint"),
                         f.time_s,
                         f.time_s,
+                        _repeats(fields),
                         f.trace_id or None,
                         json.dumps(fields),
                     ),

@@ -19,10 +19,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from perfagent._version import __version__
-from perfagent.export.stats import RequestStats
+from perfagent.export.stats import Buffered, RequestStats
 from perfagent.record import RequestRecord
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+QUERY_COUNT_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500)
+DB_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
 class Metrics:
@@ -56,17 +59,62 @@ class Metrics:
             ["what"],
             registry=registry,
         )
-        self.stats = RequestStats(self.request_duration, self.active_requests, DURATION_BUCKETS)
+        self.request_db_queries = Histogram(
+            "perfagent_request_db_queries",
+            "Database queries issued per request.",
+            ["http_route"],
+            buckets=QUERY_COUNT_BUCKETS,
+            registry=registry,
+        )
+        self.db_duration = Histogram(
+            "db_client_operation_duration_seconds",
+            "Duration of database queries issued while serving requests.",
+            ["db_system_name", "db_operation_name"],
+            buckets=DB_BUCKETS,
+            registry=registry,
+        )
+        self.loop_lag = Histogram(
+            "perfagent_event_loop_lag_seconds",
+            "How late the event-loop heartbeat ran, once per heartbeat tick.",
+            buckets=LOOP_LAG_BUCKETS,
+            registry=registry,
+        )
+        self.loop_blocks = Counter(
+            "perfagent_event_loop_blocks",
+            "Event-loop stalls longer than the block threshold, by the route that blocked.",
+            ["http_route"],
+            registry=registry,
+        )
+        self.n_plus_one = Counter(
+            "perfagent_n_plus_one",
+            "Requests in which one query shape was repeated from one call site (N+1).",
+            ["http_route"],
+            registry=registry,
+        )
+        self.stats = RequestStats(
+            self.active_requests,
+            [
+                Buffered(self.request_duration, DURATION_BUCKETS),
+                Buffered(self.request_db_queries, QUERY_COUNT_BUCKETS),
+                Buffered(self.db_duration, DB_BUCKETS),
+            ],
+        )
         self._slow_children: dict[tuple[str, str], Any] = {}
 
     def request_started(self, method: str) -> None:
         self.stats.started(method)
 
     def request_ended(self, record: RequestRecord) -> None:
-        """Pipeline step: the request's duration, and that it is no longer in flight."""
-        self.stats.ended(
-            record.method, record.route or "", record.status, record.end - record.start
-        )
+        """Pipeline step: the request's duration, queries, and that it is no longer in flight."""
+        stats = self.stats
+        route = record.route or ""
+        stats.ended(record.method)
+        stats.observe(0, (record.method, route, record.status), record.end - record.start)
+        queries = record.queries
+        stats.observe(1, (route,), len(queries) if queries else 0)
+        if queries:
+            for query in queries:
+                stats.observe(2, (query.system, query.shape.operation), query.duration)
 
     def count_slow(self, record: RequestRecord) -> None:
         key = (record.method, record.route or "")

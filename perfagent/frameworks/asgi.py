@@ -73,6 +73,8 @@ class PerfagentASGI:
         self._foreign = foreign
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if self._agent.loop_watch_pending:  # once per loop (lifespan or first request)
+            self._agent.watch_loop()
         if scope["type"] != "http" or not self._agent.running:
             await self.app(scope, receive, send)
             return
@@ -123,6 +125,11 @@ class PerfagentASGI:
                         record.route = resolve(record) or ""
                     if server_timing:
                         value = b"total;dur=%.3f" % ((now - record.start) * 1000.0)
+                        if record.queries:
+                            value += b', db;dur=%.3f;desc="%d queries"' % (
+                                record.db_time * 1000.0,
+                                len(record.queries),
+                            )
                         message["headers"] = [*message.get("headers", ()), (_SERVER_TIMING, value)]
                 except Exception as exc:
                     agent.internal_error("asgi.response_start", exc)

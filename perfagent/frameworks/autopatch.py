@@ -11,6 +11,7 @@ from types import ModuleType
 from typing import Any
 
 from perfagent.agent import Agent
+from perfagent.db.drivers import INSTALLERS
 from perfagent.frameworks.asgi import AsgiInstrumentation
 from perfagent.frameworks.wsgi import FlaskInstrumentation
 from perfagent.patching import PostImportHooks
@@ -48,6 +49,20 @@ class Instrumentations:
                 "flask.app": lambda m: self.flask.patch_class(m.Flask),
             }
         )
+
+    def instrument_databases(self) -> None:
+        """Query capture in every supported driver, imported now or later."""
+        agent = self.agent
+
+        def installer(install: Any) -> Any:
+            def hook(module: ModuleType) -> None:
+                undo = install(module, agent.capture, agent.patches)
+                if callable(undo):
+                    agent.apps.append(undo)
+
+            return hook
+
+        self._hooks({name: installer(install) for name, install in INSTALLERS.items()})
 
     def instrument_app(self, app: Any) -> None:
         kind = framework_of(app)

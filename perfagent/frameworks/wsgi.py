@@ -121,9 +121,11 @@ class FlaskInstrumentation:
                         break
                 record.streaming = streaming
                 if server_timing:
-                    headers.append(
-                        ("Server-Timing", f"total;dur={(now - record.start) * 1000.0:.3f}")
-                    )
+                    value = f"total;dur={(now - record.start) * 1000.0:.3f}"
+                    if record.queries:
+                        db_ms = record.db_time * 1000.0
+                        value += f', db;dur={db_ms:.3f};desc="{len(record.queries)} queries"'
+                    headers.append(("Server-Timing", value))
             except Exception as exc:
                 agent.internal_error("flask.start_response", exc)
             return start_response(status, headers, exc_info)

@@ -1,0 +1,1 @@
+"""Database query capture: driver hooks, SQL fingerprints, application call sites."""

@@ -1,0 +1,315 @@
+"""Hooks in the database drivers, each feeding ``QueryCapture.add``.
+
+Capture happens at the driver (DB-API) level, so a query is counted once
+whether the app issues it directly or through an ORM (SQLAlchemy sync and
+async, Flask-SQLAlchemy, fastlite all end in one of these). Outside a request
+a hook costs one context-variable read. Each hook is a ``Patch`` undone by
+``perfagent.shutdown()``:
+
+- sqlite3: its classes are C types, so ``connect`` is wrapped to pass a
+  subclass as ``factory`` (subclassing the app's own factory when it gives one);
+- psycopg 3: ``Cursor``/``AsyncCursor`` methods, patched on the classes;
+- psycopg2: ``connect`` is wrapped to pass a ``cursor_factory`` subclass;
+- asyncpg: ``Connection`` and ``PreparedStatement`` methods (SQLAlchemy's
+  asyncpg dialect uses prepared statements);
+- APSW (fastlite): a connection hook registers SQLite's profile trace, which
+  reports each statement with its duration when it completes.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import importlib
+import sys
+from collections.abc import Callable
+from time import perf_counter
+from types import ModuleType
+from typing import Any
+
+from perfagent.db.callsite import origin
+from perfagent.db.capture import QueryCapture
+from perfagent.patching import Patch
+from perfagent.record import current
+
+
+def _size(rows: Any) -> int:
+    try:
+        return len(rows)
+    except TypeError:
+        return 0
+
+
+def _timed(capture: QueryCapture, system: str, original: Callable, many: bool = False) -> Any:
+    """Wraps a sync ``method(self, sql, [params], ...)``, keeping the driver's own defaults."""
+
+    def method(self: Any, sql: Any, *args: Any, **kwargs: Any) -> Any:
+        record = current.get()
+        if record is None or record.done:
+            return original(self, sql, *args, **kwargs)
+        start = perf_counter()
+        try:
+            return original(self, sql, *args, **kwargs)
+        finally:
+            end = perf_counter()
+            params = args[0] if args else (next(iter(kwargs.values())) if kwargs else None)
+            if sql.__class__ is not str and hasattr(sql, "as_string"):
+                sql = sql.as_string(self)  # psycopg's sql.Composed
+            count = _size(params) if many else 0
+            capture.add(system, sql, params, start, end, sys._getframe(1), count, record)
+
+    return method
+
+
+def _timed_async(
+    capture: QueryCapture, system: str, original: Callable, text: Callable, many: bool = False
+) -> Any:
+    """Wraps an async ``method(self, *args, ...)``; ``text(self, args)`` gives (sql, params)."""
+
+    async def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        record = current.get()
+        if record is None or record.done:
+            return await original(self, *args, **kwargs)
+        start = perf_counter()
+        try:
+            return await original(self, *args, **kwargs)
+        finally:
+            sql, params = text(self, args)
+            count = _size(params) if many else 0
+            capture.add(system, sql, params, start, perf_counter(), sys._getframe(1), count)
+
+    return method
+
+
+# -- sqlite3 ----------------------------------------------------------------
+
+
+def install_sqlite3(module: ModuleType, capture: QueryCapture, patches: list[Patch]) -> None:
+    connections: dict[type, type] = {}
+    cursors: dict[type, type] = {}
+
+    def cursor_class(base: type) -> type:
+        cls = cursors.get(base)
+        if cls is None:
+            cls = cursors[base] = type(
+                base.__name__,
+                (base,),
+                {
+                    "execute": _timed(capture, "sqlite", base.execute),
+                    "executemany": _timed(capture, "sqlite", base.executemany, many=True),
+                    "__module__": base.__module__,
+                },
+            )
+        return cls
+
+    def connection_class(base: type) -> type:
+        cls = connections.get(base)
+        if cls is None:
+            plain_cursor = base.cursor
+            default_cursor = cursor_class(module.Cursor)
+
+            class Connection(base):  # type: ignore[misc, valid-type]
+                def cursor(self, factory: Any = None) -> Any:
+                    if factory is None:
+                        return plain_cursor(self, default_cursor)
+                    return plain_cursor(self, cursor_class(factory))
+
+                # The C implementations make a plain cursor; go through ours.
+                def execute(self, sql: str, parameters: Any = ()) -> Any:
+                    return plain_cursor(self, default_cursor).execute(sql, parameters)
+
+                def executemany(self, sql: str, parameters: Any) -> Any:
+                    return plain_cursor(self, default_cursor).executemany(sql, parameters)
+
+            Connection.__module__ = base.__module__
+            Connection.__qualname__ = Connection.__name__ = base.__name__
+            cls = connections[base] = Connection
+        return cls
+
+    original = module.connect
+
+    def connect(*args: Any, **kwargs: Any) -> Any:
+        if len(args) > 5:  # factory given by position
+            args = (*args[:5], connection_class(args[5]), *args[6:])
+        else:
+            kwargs["factory"] = connection_class(kwargs.get("factory") or module.Connection)
+        return original(*args, **kwargs)
+
+    patches.append(Patch(module, "connect", connect))
+    dbapi2 = sys.modules.get("sqlite3.dbapi2")
+    if dbapi2 is not None and dbapi2.connect is original:
+        patches.append(Patch(dbapi2, "connect", connect))
+
+
+# -- psycopg 3 ----------------------------------------------------------------
+
+
+def install_psycopg(module: ModuleType, capture: QueryCapture, patches: list[Patch]) -> None:
+    system = "postgresql"
+    for cls in (module.Cursor, module.ClientCursor):
+        if "execute" in cls.__dict__:
+            patches.append(Patch(cls, "execute", _timed(capture, system, cls.__dict__["execute"])))
+        if "executemany" in cls.__dict__:
+            method = _timed(capture, system, cls.__dict__["executemany"], many=True)
+            patches.append(Patch(cls, "executemany", method))
+
+    def text(cursor: Any, args: tuple) -> tuple[Any, Any]:
+        sql = args[0]
+        if not isinstance(sql, (str, bytes)) and hasattr(sql, "as_string"):
+            sql = sql.as_string(cursor)
+        return sql, args[1] if len(args) > 1 else None
+
+    for cls in (module.AsyncCursor, module.AsyncClientCursor):
+        if "execute" in cls.__dict__:
+            method = _timed_async(capture, system, cls.__dict__["execute"], text)
+            patches.append(Patch(cls, "execute", method))
+        if "executemany" in cls.__dict__:
+            method = _timed_async(capture, system, cls.__dict__["executemany"], text, many=True)
+            patches.append(Patch(cls, "executemany", method))
+
+
+# -- psycopg2 -----------------------------------------------------------------
+
+
+def install_psycopg2(module: ModuleType, capture: QueryCapture, patches: list[Patch]) -> None:
+    extensions = importlib.import_module("psycopg2.extensions")
+    cursors: dict[type, type] = {}
+
+    def cursor_class(base: type) -> type:
+        cls = cursors.get(base)
+        if cls is None:
+            cls = cursors[base] = type(
+                base.__name__,
+                (base,),
+                {
+                    "execute": _timed(capture, "postgresql", base.execute),
+                    "executemany": _timed(capture, "postgresql", base.executemany, many=True),
+                    "__module__": base.__module__,
+                },
+            )
+        return cls
+
+    original = module.connect
+
+    def connect(*args: Any, **kwargs: Any) -> Any:
+        kwargs["cursor_factory"] = cursor_class(kwargs.get("cursor_factory") or extensions.cursor)
+        return original(*args, **kwargs)
+
+    patches.append(Patch(module, "connect", connect))
+
+
+# -- asyncpg ------------------------------------------------------------------
+
+
+def install_asyncpg(module: ModuleType, capture: QueryCapture, patches: list[Patch]) -> None:
+    system = "postgresql"
+    connection = module.connection.Connection
+
+    def from_args(_conn: Any, args: tuple) -> tuple[Any, Any]:
+        return args[0], args[1:]
+
+    def many_from_args(_conn: Any, args: tuple) -> tuple[Any, Any]:
+        return args[0], args[1] if len(args) > 1 else ()
+
+    for name in ("execute", "fetch", "fetchrow", "fetchval"):
+        method = _timed_async(capture, system, connection.__dict__[name], from_args)
+        patches.append(Patch(connection, name, method))
+    method = _timed_async(
+        capture, system, connection.__dict__["executemany"], many_from_args, many=True
+    )
+    patches.append(Patch(connection, "executemany", method))
+
+    statement = module.prepared_stmt.PreparedStatement
+
+    def statement_args(stmt: Any, args: tuple) -> tuple[Any, Any]:
+        return stmt.get_query(), args
+
+    def statement_many(stmt: Any, args: tuple) -> tuple[Any, Any]:
+        return stmt.get_query(), args[0] if args else ()
+
+    for name in ("fetch", "fetchrow", "fetchval"):
+        if name in statement.__dict__:
+            method = _timed_async(capture, system, statement.__dict__[name], statement_args)
+            patches.append(Patch(statement, name, method))
+    if "executemany" in statement.__dict__:
+        method = _timed_async(
+            capture, system, statement.__dict__["executemany"], statement_many, many=True
+        )
+        patches.append(Patch(statement, "executemany", method))
+
+
+# -- aiosqlite -----------------------------------------------------------------
+
+
+def install_aiosqlite(module: ModuleType, capture: QueryCapture, patches: list[Patch]) -> None:
+    """aiosqlite runs each call on its own thread: run it in a copy of the request's
+    context (so the sqlite3 hook sees the request) carrying the caller's app frames."""
+    connection = module.core.Connection
+    original = connection.__dict__["_execute"]
+
+    async def _execute(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        record = current.get()
+        if record is None or record.done:
+            return await original(self, fn, *args, **kwargs)
+        sites, _lazy = capture.frames.capture(sys._getframe(1))
+        context = contextvars.copy_context()
+        context.run(origin.set, sites)
+        return await original(self, functools.partial(context.run, fn), *args, **kwargs)
+
+    patches.append(Patch(connection, "_execute", _execute))
+
+
+# -- APSW ---------------------------------------------------------------------
+
+
+class _ApswHook:
+    """Registered in ``apsw.connection_hooks``; removed again by ``undo()``.
+
+    SQLite's own profile time has millisecond resolution on common builds, so
+    the statement's start (SQLITE_TRACE_STMT) and end (SQLITE_TRACE_PROFILE)
+    are timed here with ``perf_counter``.
+    """
+
+    def __init__(self, module: ModuleType, capture: QueryCapture) -> None:
+        self._module = module
+        self._capture = capture
+        self._started: dict[Any, float] = {}
+
+    def __call__(self, connection: Any) -> None:
+        mask = self._module.SQLITE_TRACE_STMT | self._module.SQLITE_TRACE_PROFILE
+        connection.trace_v2(mask, self._trace, id=self)
+
+    def _trace(self, event: dict) -> None:
+        record = current.get()
+        if record is None or record.done or event.get("trigger"):
+            return
+        key = (id(event.get("connection")), event["id"])
+        if event["code"] == self._module.SQLITE_TRACE_STMT:
+            if len(self._started) < 10_000:  # bounded even if a PROFILE never comes
+                self._started[key] = perf_counter()
+            return
+        end = perf_counter()
+        start = self._started.pop(key, end - event["nanoseconds"] / 1e9)
+        self._capture.add("sqlite", event["sql"], None, start, end, sys._getframe(1))
+
+    def undo(self) -> None:
+        try:
+            self._module.connection_hooks.remove(self)
+        except ValueError:
+            pass
+
+
+def install_apsw(module: ModuleType, capture: QueryCapture, patches: list[Patch]) -> Any:
+    hook = _ApswHook(module, capture)
+    module.connection_hooks.append(hook)
+    return hook.undo
+
+
+INSTALLERS: dict[str, Callable[[ModuleType, QueryCapture, list[Patch]], Any]] = {
+    "sqlite3": install_sqlite3,
+    "psycopg": install_psycopg,
+    "psycopg2": install_psycopg2,
+    "asyncpg": install_asyncpg,
+    "apsw": install_apsw,
+    "aiosqlite": install_aiosqlite,
+}

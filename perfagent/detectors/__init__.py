@@ -1,0 +1,1 @@
+"""Detectors: pipeline steps that turn a finished request record into findings."""

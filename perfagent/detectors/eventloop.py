@@ -1,0 +1,585 @@
+"""Event-loop watchdog: finds the callbacks that block an asyncio or uvloop loop.
+
+Two halves, so that requests pay nothing:
+
+* A heartbeat on the loop: one callback re-armed with ``loop.call_later``
+  (any loop has it, uvloop included). Each tick it notes the time, the
+  process's CPU time and how late it ran (the loop's lag, counted into plain
+  lists that the monitor merges into the histogram). A tick that is late by
+  about the threshold leaves a *gap* for the monitor.
+* A monitor thread (``perfagent-loop``). While the heartbeat is stale it
+  samples the loop thread's stack (``sys._current_frames()``) every few ms;
+  each gap the heartbeat reports is judged once, so a block gives one event.
+
+Judging a gap:
+
+* Duration: the heartbeat's lateness plus half its interval (the block
+  started at an unknown point of the last interval; the midpoint makes the
+  error at most half an interval either way).
+* Paused, not blocked: when the whole process is stopped (SIGSTOP, a VM
+  pause, CPU starvation) the monitor wakes late too. If the process burned
+  little CPU while the monitor overslept (less than half that time), the
+  oversleep minus that CPU is time nobody ran; it is taken off the duration.
+  A C call holding the GIL (a catastrophic regex) also makes the monitor
+  oversleep, but the process burned CPU all along (even on a busy machine,
+  most of it), so nothing is taken off: the block is reported late, with its
+  real duration.
+* Blocked or saturated: each sample is keyed by the frame object of the
+  callback the loop is running (the outermost frame above the loop's own
+  dispatch frame, learnt from the heartbeat's caller). One key in at least
+  half of the samples is one callback holding the loop: a block. Otherwise
+  many short callbacks ran back to back (a busy tick): ``event_loop_saturated``.
+* The request: the adapter's ``PerfagentASGI.__call__`` frame is on the
+  blocking task's stack; its ``record`` local is the request. A bare
+  callback has no such frame: route null.
+
+Findings are handed to the loop thread (``call_soon_threadsafe``), where the
+request's record lives, so attaching them never races the end of a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import sysconfig
+import threading
+from bisect import bisect_left
+from collections import Counter, deque
+from time import perf_counter, process_time, sleep
+from types import CodeType, FrameType
+from typing import Any
+
+from perfagent.export.metrics import LOOP_LAG_BUCKETS as LAG_BUCKETS
+
+MAX_SAMPLES = 400  # per stall: 2 s at 5 ms; a longer stall keeps its first samples
+MAX_DEPTH = 128  # frames per sample
+MAX_STACK_LINES = 40  # frames per event: the innermost ones
+
+
+def _interval(threshold: float) -> float:
+    """Heartbeat period: a tenth of the threshold, 1 to 10 ms (100 ticks/s by default)."""
+    return min(max(threshold / 10.0, 0.001), 0.010)
+
+
+class _Stall:
+    """What the monitor saw while the heartbeat was stale since ``beat``."""
+
+    __slots__ = ("beat", "records", "samples")
+
+    def __init__(self, beat: float) -> None:
+        self.beat = beat
+        #: (key frame or None, stack as (file, line, function) innermost first)
+        self.samples: list[tuple[Any, tuple[tuple[str, int, str], ...]]] = []
+        #: key frame -> (the request's record, or the route when only that is known)
+        self.records: dict[Any, tuple[Any, str | None]] = {}
+
+
+class FrameFilter:
+    """Tells the application's own files from perfagent, the stdlib and installed packages."""
+
+    def __init__(self) -> None:
+        import perfagent
+
+        roots = {os.path.dirname(os.path.abspath(perfagent.__file__)) + os.sep}
+        paths = sysconfig.get_paths()
+        for key in ("stdlib", "platstdlib"):
+            if paths.get(key):
+                roots.add(os.path.realpath(paths[key]) + os.sep)
+                roots.add(os.path.abspath(paths[key]) + os.sep)
+        self._roots = tuple(roots)
+        # Library files are shown from their import root: "starlette/routing.py".
+        shown = set(roots)
+        for key in ("purelib", "platlib"):
+            if paths.get(key):
+                shown.add(os.path.abspath(paths[key]) + os.sep)
+        for entry in sys.path:
+            if entry.endswith(("site-packages", "dist-packages")):
+                shown.add(os.path.abspath(entry) + os.sep)
+        shown.discard(os.path.dirname(os.path.abspath(perfagent.__file__)) + os.sep)
+        self._shown = tuple(sorted(shown, key=len, reverse=True))
+        self._agent_root = os.path.dirname(os.path.abspath(perfagent.__file__)) + os.sep
+        self._cwd = os.getcwd() + os.sep
+        self._app: dict[str, bool] = {}
+        self._agent: dict[str, bool] = {}
+
+    def is_app(self, filename: str) -> bool:
+        known = self._app.get(filename)
+        if known is None:
+            if len(self._app) > 4096:
+                self._app.clear()
+            known = self._app[filename] = self._classify(filename)
+        return known
+
+    def is_agent(self, filename: str) -> bool:
+        known = self._agent.get(filename)
+        if known is None:
+            if len(self._agent) > 4096:
+                self._agent.clear()
+            known = os.path.abspath(filename).startswith(self._agent_root)
+            self._agent[filename] = known
+        return known
+
+    def _classify(self, filename: str) -> bool:
+        if filename.startswith("<"):
+            return False  # <frozen ...>, <string>
+        parts = filename.replace("\\", "/").split("/")
+        if "site-packages" in parts or "dist-packages" in parts:
+            return False
+        path = os.path.abspath(filename)
+        return not (path.startswith(self._roots) or os.path.realpath(path).startswith(self._roots))
+
+    def show(self, filename: str) -> str:
+        """The path relative to the working directory, or to the library's import root."""
+        if filename.startswith("<"):
+            return filename
+        path = os.path.abspath(filename)
+        if path.startswith(self._cwd):
+            return path[len(self._cwd) :]
+        for root in self._shown:
+            if path.startswith(root):
+                return path[len(root) :]
+        return filename
+
+
+class LoopWatchdog:
+    """Heartbeat on ``loop`` plus the monitor thread; ``start()`` on the loop's thread."""
+
+    def __init__(self, agent: Any, loop: asyncio.AbstractEventLoop) -> None:
+        from perfagent.frameworks.asgi import PerfagentASGI
+
+        self.agent = agent
+        self.loop = loop
+        self.threshold = agent.settings.loop_block_ms / 1000.0
+        self.interval = _interval(self.threshold)
+        #: Monitor period while all is well, and while sampling a stall.
+        self.idle_period = min(max(self.threshold / 4.0, 0.001), 0.025)
+        self.sample_period = min(max(self.threshold / 20.0, 0.001), 0.005)
+        #: Sampling starts once the heartbeat is this late.
+        self.sample_after = self.threshold / 4.0
+        #: A monitor wake-up later than this is time the monitor did not run.
+        self.oversleep = max(self.threshold / 4.0, 0.005)
+        self.frames = FrameFilter()
+        self._adapter_code: CodeType = PerfagentASGI.__call__.__code__
+        self._loop_thread = threading.get_ident()
+        self._running = False
+        self._handle: Any = None
+        # Written by the heartbeat, read by the monitor (single attribute stores).
+        self._beat: float | None = None  # None until the first tick: not armed
+        self._due = 0.0
+        self._cpu = 0.0
+        self._dispatch: CodeType | None = None  # the loop's frame that runs callbacks
+        self._rearm = False  # set by the monitor when the loop stopped running
+        self._gaps: deque[tuple[float, float, float, float]] = deque(maxlen=32)
+        self._lag_counts = [0] * (len(LAG_BUCKETS) + 1)
+        self._lag_sum = 0.0
+        # Monitor thread only.
+        self._merged_counts = [0] * (len(LAG_BUCKETS) + 1)
+        self._merged_sum = 0.0
+        self._dead: deque[tuple[float, float]] = deque(maxlen=64)
+        self._ended: deque[_Stall] = deque(maxlen=4)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.pool: PoolWatch | None = None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self) -> None:
+        """Arms the heartbeat and starts the monitor; call on the loop's own thread."""
+        self._running = True
+        self._handle = self.loop.call_soon(self._first_tick)
+        self.pool = PoolWatch.of_running_loop(self.agent, self.threshold, self._adapter_code)
+        thread = threading.Thread(target=self._monitor, name="perfagent-loop", daemon=True)
+        thread.start()
+        self._thread = thread
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stops the monitor and cancels the heartbeat; safe from any thread, twice."""
+        self._running = False
+        self._stop.set()
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            try:
+                if threading.get_ident() == self._loop_thread:
+                    handle.cancel()
+                elif not self.loop.is_closed():
+                    self.loop.call_soon_threadsafe(handle.cancel)
+            except RuntimeError:
+                pass  # the loop closed meanwhile: its timers are gone with it
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        self._merge_lag()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- loop thread -------------------------------------------------------
+
+    def _first_tick(self) -> None:
+        try:
+            caller = sys._getframe(1)
+            self._dispatch = caller.f_code  # asyncio: Handle._run; uvloop: who ran the loop
+        except ValueError:
+            self._dispatch = None
+        self._rearm = True
+        self._tick()
+
+    def _tick(self) -> None:
+        """The heartbeat: a few attribute stores, a bisect and ``call_later``."""
+        if not self._running:
+            return
+        try:
+            now = perf_counter()
+            cpu = process_time()
+            if self._rearm:  # first tick, or the loop was stopped and runs again
+                self._rearm = False
+            else:
+                lag = now - self._due
+                if lag < 0.0:
+                    lag = 0.0
+                self._lag_counts[bisect_left(LAG_BUCKETS, lag)] += 1
+                self._lag_sum += lag
+                if lag + self.interval / 2.0 >= self.threshold:
+                    self._gaps.append((self._beat or now, now, lag, cpu - self._cpu))
+            self._cpu = cpu
+            self._due = now + self.interval
+            self._beat = now
+            self._handle = self.loop.call_later(self.interval, self._tick)
+        except Exception as exc:
+            self.agent.internal_error("eventloop.heartbeat", exc)
+
+    def _deliver(self, kind: str, fields: dict[str, Any], record: Any) -> None:
+        """Runs on the loop thread: the finding, the counter, the kept trace."""
+        agent = self.agent
+        try:
+            if not agent.running:
+                return
+            if record is not None:
+                fields["route"] = record.route_now()
+                fields["method"] = record.method
+                fields["trace_id"] = record.trace_id
+            agent.thread.ensure_started()
+            agent.report(kind, fields, record)
+            agent.metrics.loop_blocks.labels(fields["route"] or "").inc()
+            # A request that already ended was judged without this finding: keep it now.
+            if record is not None and record.done and not record.keep and not record.foreign:
+                record.keep = True
+                agent.exporter.submit(record)
+        except Exception as exc:
+            agent.internal_error("eventloop.deliver", exc)
+
+    # -- monitor thread ----------------------------------------------------
+
+    def _monitor(self) -> None:
+        try:
+            self._watch()
+        except Exception as exc:
+            self.agent.internal_error("eventloop.monitor", exc)
+        finally:
+            self._running = False  # the heartbeat stops at its next tick
+            self.agent.loop_watchdog_ended(self)
+
+    def _watch(self) -> None:
+        period = self.idle_period
+        stall: _Stall | None = None
+        next_merge = perf_counter() + 1.0
+        expected = perf_counter() + period
+        while True:
+            sleep(period)  # cheaper than Event.wait; stop() waits at most one period
+            if self._stop.is_set():
+                return
+            now = perf_counter()
+            if now - expected > self.oversleep:
+                self._dead.append((expected, now))
+            loop = self.loop
+            if loop.is_closed():
+                return
+            try:
+                stall = self._check(now, stall)
+                while self._gaps:
+                    self._judge(self._gaps.popleft(), stall)
+                # The heartbeat leaves a stall's gap before it beats again, so an
+                # ended stall has been judged by now (or was too short): let its
+                # frames, and the locals they hold, go.
+                self._ended.clear()
+            except Exception as exc:  # a bug here must not end the watch
+                self.agent.internal_error("eventloop.judge", exc)
+                stall = None
+            if self.pool is not None:
+                self.pool.check(now)
+            if now >= next_merge:
+                next_merge = now + 1.0
+                self._merge_lag()
+            period = self.sample_period if stall is not None else self.idle_period
+            expected = perf_counter() + period
+
+    def _check(self, now: float, stall: _Stall | None) -> _Stall | None:
+        """Starts, continues (one sample) or ends the stall the heartbeat shows."""
+        beat = self._beat
+        if not self.loop.is_running():
+            self._rearm = True  # a loop run again later must not look blocked
+            return None
+        if beat is None:
+            return None  # not armed: the loop has not ticked yet
+        if stall is not None and stall.beat != beat:
+            self._ended.append(stall)
+            stall = None
+        if stall is None and now - beat - self.interval >= self.sample_after:
+            stall = _Stall(beat)
+        if stall is not None and len(stall.samples) < MAX_SAMPLES:
+            self._sample(stall)
+        return stall
+
+    def _sample(self, stall: _Stall) -> None:
+        frame: FrameType | None = sys._current_frames().get(self._loop_thread)
+        dispatch = self._dispatch
+        frames: list[FrameType] = []
+        while frame is not None and len(frames) < MAX_DEPTH:
+            if frame.f_code is dispatch:
+                break
+            frames.append(frame)
+            frame = frame.f_back
+        # Outside a callback (no dispatch frame below), the loop was waiting.
+        key = frames[-1] if frames and frame is not None else None
+        stack = tuple((f.f_code.co_filename, f.f_lineno, _name(f.f_code)) for f in frames)
+        stall.samples.append((key, stack))
+        if key is not None and key not in stall.records:
+            stall.records[key] = self._request_of(frames)
+
+    def _request_of(self, frames: list[FrameType]) -> tuple[Any, str | None]:
+        """(record, None) of the request these frames serve, or (None, route), or (None, None).
+
+        The adapter's frame is on the stack unless the app runs the endpoint
+        in a task of its own (Starlette's ``BaseHTTPMiddleware`` does): then
+        the ASGI ``scope`` on the stack leads to the request task, whose
+        awaited coroutines run through the adapter's frame.
+        """
+        for frame in frames:
+            if frame.f_code is self._adapter_code:
+                record = _record_of(frame)
+                if record is not None:
+                    return record, None
+        for frame in frames:
+            if "scope" not in frame.f_code.co_varnames:
+                continue
+            scope = _local(frame, "scope")
+            if isinstance(scope, dict) and scope.get("type") == "http":
+                record = self._record_for_scope(scope)
+                if record is not None:
+                    return record, None
+                return None, getattr(scope.get("route"), "path", None)
+        return None, None
+
+    def _record_for_scope(self, scope: dict[str, Any]) -> Any:
+        try:
+            tasks = asyncio.all_tasks(self.loop)
+        except RuntimeError:
+            return None
+        for task in tasks:
+            record = _task_record(task, self._adapter_code)
+            if record is not None and record.carrier is scope:
+                return record
+        return None
+
+    def _judge(self, gap: tuple[float, float, float, float], live: _Stall | None) -> None:
+        start, end, lag, cpu = gap
+        duration = lag + self.interval / 2.0
+        dead = sum(max(0.0, min(woke, end) - max(due, start)) for due, woke in self._dead)
+        # The monitor overslept: a stopped process (no CPU burnt meanwhile) or a
+        # GIL held by busy C code (CPU burnt, if starved only part of the time).
+        paused = dead - cpu if cpu < dead / 2.0 else 0.0
+        blocked = duration - paused
+        if blocked < self.threshold:
+            return
+        stall = next((s for s in (live, *self._ended) if s is not None and s.beat == start), None)
+        fields: dict[str, Any] = {
+            "duration_ms": round(blocked * 1000.0, 1),
+            "route": None,
+            "callsite": None,
+            "stack": [],
+            "trace_id": None,
+            "threshold_ms": self.agent.settings.loop_block_ms,
+        }
+        if paused > 0.0:
+            fields["paused_ms"] = round(paused * 1000.0, 1)
+        record = None
+        if stall is not None and stall.samples:
+            counts = Counter(key for key, _ in stall.samples)
+            key, hits = counts.most_common(1)[0]
+            if len(stall.samples) >= 3 and hits * 2 < len(stall.samples):
+                self._saturated(fields["duration_ms"], len(stall.samples), len(counts))
+                return
+            stacks = Counter(stack for k, stack in stall.samples if k is key)
+            stack = stacks.most_common(1)[0][0]
+            record, route = stall.records.get(key, (None, None))
+            fields["route"] = route
+            fields["callsite"] = self._callsite(stack)
+            fields["stack"] = self._format(stack)
+            if stack:
+                fields["task"] = stack[-1][2]
+        self._hand_over(fields, record)
+
+    def _saturated(self, duration_ms: float, samples: int, callbacks: int) -> None:
+        """No callback held the loop: many ran back to back. A log line, not a block."""
+        try:
+            self.agent.log.warning(
+                "event_loop_saturated",
+                duration_ms=duration_ms,
+                samples=samples,
+                callbacks=callbacks,
+                threshold_ms=self.agent.settings.loop_block_ms,
+            )
+        except Exception as exc:
+            self.agent.internal_error("eventloop.saturated", exc)
+
+    def _hand_over(self, fields: dict[str, Any], record: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self._deliver, "event_loop_blocked", fields, record)
+        except RuntimeError:  # the loop closed: report from here
+            self._deliver("event_loop_blocked", fields, record)
+
+    def _callsite(self, stack: tuple[tuple[str, int, str], ...]) -> str | None:
+        """The innermost app frame; else the innermost frame that is not the agent's."""
+        frames = self.frames
+        for filename, line, _ in stack:
+            if frames.is_app(filename):
+                return f"{frames.show(filename)}:{line}"
+        for filename, line, _ in stack:
+            if not frames.is_agent(filename):
+                return f"{frames.show(filename)}:{line}"
+        return None
+
+    def _format(self, stack: tuple[tuple[str, int, str], ...]) -> list[str]:
+        frames = self.frames
+        lines = [
+            f"{frames.show(filename)}:{line} {name}"
+            for filename, line, name in stack[:MAX_STACK_LINES]
+            if not frames.is_agent(filename)
+        ]
+        lines.reverse()  # innermost last, as in a traceback
+        return lines
+
+    def _merge_lag(self) -> None:
+        """Adds the heartbeat's lag counts since the last merge to the histogram."""
+        try:
+            histogram = self.agent.metrics.loop_lag
+            counts, total = list(self._lag_counts), self._lag_sum
+            for index, (now, before) in enumerate(zip(counts, self._merged_counts, strict=True)):
+                if now != before:
+                    histogram._buckets[index].inc(now - before)
+            if total != self._merged_sum:
+                histogram._sum.inc(total - self._merged_sum)
+            self._merged_counts, self._merged_sum = counts, total
+        except Exception as exc:
+            self.agent.internal_error("eventloop.lag", exc)
+
+
+class PoolWatch:
+    """Starvation of the thread pool that runs sync (``def``) endpoints, seen from the monitor.
+
+    FastAPI and Starlette run ``def`` endpoints and dependencies through
+    anyio's default thread limiter (40 threads). The monitor reads that
+    limiter every wake-up: while requests queue for a thread, it notes how many
+    and, at the peak, the routes of the tasks holding the threads (from each
+    task's chain of awaited coroutines, which runs through the adapter's
+    frame). A queue that lasts longer than the threshold is one
+    ``thread_pool_starved`` log event. Requests pay nothing for this.
+    """
+
+    def __init__(self, agent: Any, limiter: Any, threshold: float, adapter: CodeType) -> None:
+        self.agent = agent
+        self.limiter = limiter
+        self.threshold = threshold
+        self._adapter = adapter
+        self._since: float | None = None
+        self._peak = 0
+        self._holders: dict[str, int] = {}
+
+    @classmethod
+    def of_running_loop(cls, agent: Any, threshold: float, adapter: CodeType) -> PoolWatch | None:
+        """The watch of this loop's default anyio limiter; None without anyio (never imported)."""
+        to_thread = sys.modules.get("anyio.to_thread")
+        if to_thread is None:
+            return None
+        try:
+            limiter = to_thread.current_default_thread_limiter()
+            limiter._wait_queue  # noqa: B018 - the asyncio backend's queue, read by check()
+        except Exception:
+            return None
+        return cls(agent, limiter, threshold, adapter)
+
+    def check(self, now: float) -> None:
+        try:
+            waiting = len(self.limiter._wait_queue)
+            if waiting:
+                if self._since is None:
+                    self._since, self._peak = now, 0
+                if waiting > self._peak:
+                    self._peak = waiting
+                    self._holders = self._routes(tuple(self.limiter._borrowers))
+            elif self._since is not None:
+                took, self._since = now - self._since, None
+                if took >= self.threshold:
+                    self.agent.log.warning(
+                        "thread_pool_starved",
+                        duration_ms=round(took * 1000.0, 1),
+                        waiting=self._peak,
+                        threads=self.limiter.total_tokens,
+                        holders=self._holders,
+                        threshold_ms=round(self.threshold * 1000.0, 3),
+                    )
+        except Exception as exc:
+            self.agent.internal_error("eventloop.pool", exc)
+
+    def _routes(self, tasks: tuple[Any, ...]) -> dict[str, int]:
+        """Route -> how many of ``tasks`` serve it ("" for tasks that serve no request)."""
+        routes: dict[str, int] = {}
+        for task in tasks:
+            record = _task_record(task, self._adapter)
+            route = (record.route_now() or "") if record is not None else ""
+            routes[route] = routes.get(route, 0) + 1
+        return routes
+
+
+def _name(code: CodeType) -> str:
+    return getattr(code, "co_qualname", code.co_name)
+
+
+def _local(frame: FrameType, name: str) -> Any:
+    try:
+        return frame.f_locals.get(name)
+    except Exception:
+        return None
+
+
+def _record_of(frame: FrameType) -> Any:
+    """The ``record`` local of an adapter frame (absent in a mounted app's inner adapter)."""
+    return _local(frame, "record")
+
+
+def _task_record(task: Any, adapter: CodeType) -> Any:
+    """The request record of a task whose awaited coroutines run through the adapter."""
+    awaited = task.get_coro() if hasattr(task, "get_coro") else None
+    for _ in range(MAX_DEPTH):
+        frame = getattr(awaited, "cr_frame", None)
+        if frame is None:
+            return None
+        if frame.f_code is adapter:
+            record = _record_of(frame)
+            if record is not None:
+                return record
+        awaited = getattr(awaited, "cr_await", None)
+    return None
+
+
+def watch_running_loop(agent: Any) -> LoopWatchdog | None:
+    """Starts a watchdog on the running loop; None when no asyncio loop runs (trio)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+    watchdog = LoopWatchdog(agent, loop)
+    watchdog.start()
+    return watchdog

@@ -1,0 +1,206 @@
+"""N+1 queries: real requests to a real app under the agent, real SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from helpers import APPS, PERFAGENT, Server, clean_env, free_port, scrape
+
+PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+FINDINGS = ("n_plus_one", "duplicate_query")
+
+
+def _postgres_answers() -> bool:
+    try:
+        import psycopg
+
+        with psycopg.connect(PG_DSN, connect_timeout=2):
+            return True
+    except Exception:
+        return False
+
+
+PG_UP = _postgres_answers()
+needs_pg = pytest.mark.skipif(not PG_UP, reason=f"no PostgreSQL answers at {PG_DSN}")
+
+
+def mark(name: str, module: str = "db_app.py") -> str:
+    """``file:LINE`` of the line tagged ``# MARK name`` in a test app."""
+    for number, line in enumerate((APPS / module).read_text().splitlines(), start=1):
+        if line.rstrip().endswith(f"# MARK {name}"):
+            return f"{module}:{number}"
+    raise LookupError(name)
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    port, metrics_port = free_port(), free_port()
+    db = tmp_path_factory.mktemp("db") / "app.sqlite"
+    argv = [*PERFAGENT, "run", "--no-console", "--metrics-port", str(metrics_port)]
+    argv += ["--log-format", "json", "--", "uvicorn", "db_app:app", "--port", str(port)]
+    env = clean_env(DB_PATH=str(db), PG_DSN=PG_DSN if PG_UP else "", PERFAGENT_NPLUSONE_MIN="5")
+    server = Server(argv, port, env)
+    try:
+        server.wait_listening()
+        server.metrics_port = metrics_port
+        yield server
+    finally:
+        server.stop()
+
+
+def findings(server: Server, route: str, expect: int, timeout: float = 5.0) -> list[dict]:
+    """The N+1 findings logged for ``route`` (the finding is logged just after the reply)."""
+    deadline = time.monotonic() + (timeout if expect else 0.6)
+    while True:
+        events = [
+            event
+            for line in server.output().splitlines()
+            if line.startswith("{") and '"event"' in line
+            for event in [json.loads(line)]
+            if event["event"] in FINDINGS and event["route"] == route
+        ]
+        if len(events) >= expect and (expect or time.monotonic() >= deadline):
+            return events
+        if time.monotonic() >= deadline:
+            return events
+        time.sleep(0.1)
+
+
+def get(server: Server, path: str):
+    response = server.get(path)
+    assert response.status_code == 200, (path, response.text[:500], server.output()[-2000:])
+    return response
+
+
+@pytest.mark.parametrize(
+    ("path", "kind", "count", "callsite", "fingerprint"),
+    [
+        (
+            "/raw/nplusone",
+            "n_plus_one",
+            10,
+            mark("raw"),
+            "SELECT count(*) FROM comment WHERE post_id=?",
+        ),
+        (
+            "/raw/fstring",
+            "n_plus_one",
+            10,
+            mark("fstring"),
+            "SELECT * FROM comment WHERE post_id=?",
+        ),
+        (
+            "/raw/helper",
+            "n_plus_one",
+            10,
+            mark("helper"),
+            "SELECT count(*) FROM comment WHERE post_id=?",
+        ),
+        (
+            "/raw/duplicate",
+            "duplicate_query",
+            6,
+            mark("duplicate"),
+            "SELECT title FROM post WHERE id=?",
+        ),
+        ("/orm/lazy", "n_plus_one", 10, mark("lazy"), None),
+        ("/orm/template", "n_plus_one", 10, mark("template"), None),
+        ("/async/gather", "n_plus_one", 10, mark("gather"), None),
+        ("/apsw/nplusone", "n_plus_one", 10, mark("apsw"), "SELECT * FROM comment WHERE post_id=?"),
+    ],
+)
+def test_flags_repeats_with_the_app_line(app, path, kind, count, callsite, fingerprint):
+    response = get(app, path)
+    route = path
+    (event,) = findings(app, route, 1)
+    assert event["event"] == kind
+    assert event["count"] == count
+    assert event["callsite"] == callsite, event
+    assert event["method"] == "GET" and len(event["trace_id"]) == 32
+    assert event["total_ms"] > 0
+    if fingerprint:
+        assert event["fingerprint"] == fingerprint
+    assert "?" in event["fingerprint"] and "'" not in event["fingerprint"]
+    if path.startswith("/orm/"):
+        assert "selectinload(Post.comments)" in event["advice"]
+    if path != "/apsw/nplusone":  # APSW's trace reports the statement once it is done
+        assert "db;dur=" in response.headers["server-timing"]
+
+
+def test_two_repeated_shapes_per_row_are_two_findings(app):
+    get(app, "/raw/two-per-row")
+    events = findings(app, "/raw/two-per-row", 2)
+    assert sorted(e["callsite"] for e in events) == sorted([mark("2n-a"), mark("2n-b")])
+    assert all(e["count"] == 10 for e in events)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/raw/fixed",
+        "/raw/four",
+        "/raw/executemany",
+        "/raw/two-sites",
+        "/raw/chunks",
+        "/raw/tables",
+        "/orm/selectin",
+        "/orm/joined",
+        "/orm/savepoints",
+        "/orm/identity",
+    ],
+)
+def test_does_not_flag_look_alikes(app, path):
+    get(app, path)
+    assert findings(app, path, 0) == []
+
+
+def test_queries_outside_requests_are_not_charged_and_metrics_count(app):
+    get(app, "/raw/fixed")
+    get(app, "/raw/nplusone")
+    time.sleep(1.5)  # workers merge their counts into /metrics every second
+    samples = scrape(app.metrics_port)
+
+    def value(name: str, **labels: str) -> float:
+        return sum(
+            s.value
+            for s in samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        )
+
+    assert value("perfagent_n_plus_one_total", http_route="/raw/nplusone") >= 1
+    assert value("perfagent_n_plus_one_total", http_route="/raw/fixed") == 0
+    # /raw/fixed always issues exactly one query: every such request is in the le="1" bucket.
+    fixed = value("perfagent_request_db_queries_count", http_route="/raw/fixed")
+    assert fixed >= 1
+    assert value("perfagent_request_db_queries_bucket", http_route="/raw/fixed", le="0.0") == 0
+    assert value("perfagent_request_db_queries_bucket", http_route="/raw/fixed", le="1.0") == fixed
+    assert value("perfagent_request_db_queries_sum", http_route="/raw/nplusone") >= 11
+    assert (
+        value(
+            "db_client_operation_duration_seconds_count",
+            db_system_name="sqlite",
+            db_operation_name="SELECT",
+        )
+        >= 12
+    )
+    # The ten start-up queries of db_app ran outside any request: no finding has an empty route.
+    assert not [
+        line
+        for line in app.output().splitlines()
+        if '"n_plus_one"' in line and '"route": ""' in line
+    ]
+
+
+@needs_pg
+@pytest.mark.parametrize(
+    "path",
+    ["/pg/psycopg", "/pg/psycopg-async", "/pg/psycopg2", "/pg/asyncpg", "/pg/sqlalchemy-async"],
+)
+def test_postgresql_drivers(app, path):
+    get(app, path)
+    (event,) = findings(app, path, 1)
+    assert event["event"] == "n_plus_one" and event["count"] == 8
+    assert event["db_system"] == "postgresql"
+    assert event["callsite"] == mark(path.removeprefix("/pg/")), event
