@@ -13,8 +13,9 @@ from typing import Any
 
 from perfagent._version import __version__
 from perfagent.config import ConfigError
+from perfagent.timing import span, timed
 
-__all__ = ["ConfigError", "__version__", "init", "shutdown"]
+__all__ = ["ConfigError", "__version__", "init", "shutdown", "span", "timed"]
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {"agent": None, "instrumentations": None, "fork_hook": False}

@@ -23,6 +23,7 @@ from perfagent.export.exporter import Exporter
 from perfagent.export.logs import make_logger
 from perfagent.export.metrics import Metrics, serving_registry, start_server
 from perfagent.patching import Patch, PostImportHooks
+from perfagent.profiling.sampler import StackSampler, summarize
 from perfagent.record import RequestRecord
 from perfagent.tracecontext import Sampler
 
@@ -66,9 +67,14 @@ class Agent:
         )
         self.otel = self._otel_bridge()
         self.capture = QueryCapture(self.internal_error)
+        #: Requests in flight -> (thread id, asyncio task or None), for the sampler.
+        self.inflight: dict[RequestRecord, tuple[int, Any]] = {}
+        self.stack_sampler = StackSampler(self._slow_s, self.capture.frames, self.inflight)
+        self.thread.every(self.stack_sampler.interval, self.stack_sampler.tick)
         self.steps: list[Step] = [
             self.metrics.request_ended,
             self._detect_slow,
+            self._attach_profile,
             NPlusOneDetector(self, self.capture),
             self._keep_trace,  # last: every finding above makes the request's trace kept
         ]
@@ -167,7 +173,7 @@ class Agent:
         if record.done:
             return
         record.done = True
-        self.thread.ensure_started()
+        self.inflight.pop(record, None)
         if record.end is None:
             record.end = perf_counter()
         for step in self.steps:
@@ -201,6 +207,7 @@ class Agent:
         if took < self._slow_s:
             return
         self.metrics.count_slow(record)
+        callsite, stacks = summarize(record.samples) if record.samples else (None, None)
         fields = {
             "route": record.route or "",
             "method": record.method,
@@ -208,11 +215,18 @@ class Agent:
             "duration_ms": round(took * 1000.0, 3),
             "threshold_ms": self.settings.slow_ms,
             "trace_id": record.trace_id,
-            "callsite": None,
+            "callsite": callsite,
         }
-        self.report("slow_request", fields, record)
+        # The stacks go to the console (the route's flame graph), not into the log line.
+        self.report("slow_request", fields, record, {"stacks": stacks} if stacks else None)
 
-    def report(self, kind: str, fields: dict[str, Any], record: RequestRecord | None) -> None:
+    def report(
+        self,
+        kind: str,
+        fields: dict[str, Any],
+        record: RequestRecord | None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         """A finding: in the log every time; on the trace and to the console when fresh.
 
         Query findings (N+1, duplicates) repeat on every request of a route until
@@ -234,9 +248,26 @@ class Agent:
             self._recent[key] = [now, 0]
             if seen is not None and seen[1]:
                 fields = {**fields, "repeats": seen[1] + 1}
+        if extra:
+            fields = {**fields, **extra}
         if record is not None:
             record.add_finding(kind, fields)
         self.exporter.submit_finding(kind, fields, record)
+
+    def _attach_profile(self, record: RequestRecord) -> None:
+        """A request that asked for a profile keeps its trace, with the samples on it."""
+        if not record.profile:
+            return
+        callsite, stacks = summarize(record.samples) if record.samples else (None, {})
+        fields = {
+            "route": record.route or "",
+            "method": record.method,
+            "duration_ms": round((record.end - record.start) * 1000.0, 3),
+            "samples": sum(stacks.values()),
+            "callsite": callsite,
+        }
+        self.log.info("request_profiled", trace_id=record.trace_id, **fields)
+        record.add_finding("profile", {**fields, "stacks": stacks})
 
     def _keep_trace(self, record: RequestRecord) -> None:
         """Keeps slow, failed and finding-bearing requests, and the head sample."""

@@ -78,6 +78,14 @@ def _parser() -> argparse.ArgumentParser:
         "--max-body-mb", type=float, default=8.0, help="largest OTLP payload taken (default 8)"
     )
 
+    dashboards = commands.add_parser(
+        "dashboards",
+        help="show or copy the Grafana dashboards and Prometheus alert rules",
+        description="Print where the Grafana dashboards and Prometheus alert rules shipped "
+        "with perfagent are, or copy them into a folder.",
+    )
+    dashboards.add_argument("--out", metavar="DIR", help="copy the files into DIR")
+
     profile = commands.add_parser(
         "profile",
         help="profile a running process with py-spy",
@@ -115,8 +123,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_mb=args.max_mb,
             max_body_mb=args.max_body_mb,
         )
+    if args.command == "dashboards":
+        from perfagent.dashboards_cmd import main as dashboards_main
+
+        return dashboards_main(args.out)
     if args.command == "profile":
-        from perfagent.profiling import profile_pid
+        from perfagent.profiling.pyspy import profile_pid
 
         return profile_pid(args.pid, args.duration, args.output, args.format)
     return 2  # pragma: no cover - argparse rejects unknown commands

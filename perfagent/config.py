@@ -43,6 +43,8 @@ class Settings:
     trace_sample: float = 0.01
     service_name: str = "unknown_service:python"
     export_interval_s: float = 10.0
+    #: With a token, a request sent with ``X-Perfagent-Profile: <token>`` is profiled.
+    profile_token: str = ""
 
 
 def _parse_bool(text: Any) -> bool:
@@ -100,6 +102,13 @@ def _host(text: Any) -> str:
     return value
 
 
+def _token(text: Any) -> str:
+    value = str(text).strip()
+    if value and (len(value) < 16 or any(c.isspace() or not c.isprintable() for c in value)):
+        raise ValueError("expected at least 16 printable characters without spaces")
+    return value
+
+
 def _name(text: Any) -> str:
     value = str(text).strip()
     if not value:
@@ -120,6 +129,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "trace_sample": _number(0, 1, integer=False, unit="a fraction"),
     "service_name": _name,
     "export_interval_s": _number(0.1, 3600, integer=False, unit="seconds"),
+    "profile_token": _token,
 }
 SETTING_NAMES: tuple[str, ...] = tuple(f.name for f in fields(Settings))
 

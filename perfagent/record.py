@@ -50,11 +50,14 @@ class RequestRecord:
         "mount_prefix",
         "otel_context",
         "parent",
+        "profile",
         "queries",
         "resolver",
         "response_start",
         "route",
         "sampled",
+        "samples",
+        "spans",
         "start",
         "status",
         "streaming",
@@ -83,6 +86,12 @@ class RequestRecord:
         #: True when another instrumentation (OpenTelemetry's, FastAPI's) makes the
         #: server span: the agent then neither exports one nor invents trace ids.
         self.foreign = False
+        #: Collapsed stacks sampled while the request ran long -> count; None if never sampled.
+        self.samples: dict[str, int] | None = None
+        #: The app's own timed blocks: (name, start, end, error type or None); None if none.
+        self.spans: list[tuple[str, float, float, str | None]] | None = None
+        #: Sample this request from its start (asked for with the profile header).
+        self.profile = False
         #: Database queries issued while serving the request; None while there are none.
         self.queries: list[Any] | None = None
         #: Seconds spent in those queries (for the ``db`` part of Server-Timing).

@@ -199,6 +199,15 @@ def create_app(store: Store, config: ConsoleConfig | None = None) -> FastAPI:
     ) -> list[dict[str, Any]]:
         return queries.requests(store, **asdict(filters), limit=limit, offset=offset)
 
+    @app.get("/api/flamegraph")
+    def api_flamegraph(service: str, route: str, method: str = "GET", fmt: str = "json") -> Any:
+        """A route's sampled stacks: JSON, or ``fmt=collapsed`` for flamegraph.pl/speedscope."""
+        stacks = queries.flame(store, service, route, method)
+        if fmt == "collapsed":
+            text = "".join(f"{stack} {count}\n" for stack, count in stacks.items())
+            return Response(text, media_type="text/plain")
+        return {"service": service, "route": route, "method": method, "stacks": stacks}
+
     @app.get("/api/live", include_in_schema=False)
     async def live(request: Request) -> StreamingResponse:
         return StreamingResponse(hub.stream(request), media_type="text/event-stream")
@@ -228,7 +237,8 @@ def create_app(store: Store, config: ConsoleConfig | None = None) -> FastAPI:
         found = [f for f in queries.findings(store, route=route) if f["service"] == service]
         series = queries.route_series(store, service, route, method)
         stats = rows[0] if rows else None
-        return pages.route(service, route, method, stats, series, slowest, found)
+        stacks = queries.flame(store, service, route, method)
+        return pages.route(service, route, method, stats, series, slowest, found, stacks)
 
     @app.get("/requests", response_class=html, include_in_schema=False)
     def requests_page(

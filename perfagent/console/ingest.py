@@ -182,6 +182,11 @@ def findings(request: ExportLogsServiceRequest) -> list[FindingRow]:
                 trace_id = _id(log.trace_id, 16, "trace_id", True)
                 fields = _attributes(log.attributes)
                 fields.setdefault("trace_id", trace_id or None)
+                if isinstance(fields.get("stacks"), str):  # sampled stacks travel as JSON text
+                    try:
+                        fields["stacks"] = json.loads(fields["stacks"])
+                    except ValueError:
+                        raise BadPayload("stacks is not JSON") from None
                 rows.append(FindingRow(kind, service, when / 1e9, trace_id, fields))
     return rows
 

@@ -12,6 +12,8 @@ from html import escape
 from typing import Any
 from urllib.parse import urlencode
 
+from perfagent.console import flamegraph
+
 _CSS = """
 :root { --fg:#1d2330; --muted:#667085; --line:#e4e7ec; --bg:#f7f8fa; --accent:#3658d8;
         --bad:#c4320a; --warn:#b54708; --good:#067647; }
@@ -282,6 +284,7 @@ def route(
     series: list[dict[str, Any]],
     slowest: list[dict[str, Any]],
     found: list[dict[str, Any]],
+    stacks: dict[str, int],
 ) -> str:
     name = h(route_name) or "(no route)"
     parts = [f"<h1>{h(method)} {name} <span class=muted>{h(service)}</span></h1>"]
@@ -291,6 +294,8 @@ def route(
     parts.append(_chart(series, "p95_ms", "p95 ms per minute"))
     parts.append(_chart(series, "p50_ms", "p50 ms per minute"))
     parts.append(_chart(series, "count", "requests per minute"))
+    parts.append("<h2>Where the time went <span class=muted>(sampled slow requests)</span></h2>")
+    parts.append(flamegraph.svg(stacks, label="flame graph of " + route_name))
     parts.append("<h2>Slowest kept requests</h2>" + _requests_table(slowest))
     parts.append("<h2>Findings</h2>" + _findings_table(found))
     return layout(route_name or "route", "/routes", "".join(parts))
@@ -357,11 +362,7 @@ def trace(found: dict[str, Any]) -> str:
             f"<tr><td><code>{h(k)}</code></td><td><code>{h(v)}</code></td></tr>"
             for k, v in sorted(s["attributes"].items())
         )
-        events = "".join(
-            f"<h3 class=warn>{h(e['name'])}</h3>"
-            f"<pre>{h(json.dumps(e['attributes'], indent=2))}</pre>"
-            for e in s["events"]
-        )
+        events = "".join(_event(e) for e in s["events"])
         where = f"{h(s['service'])} · span {h(s['span_id'])}"
         details.append(
             f"<h2>{h(s['name'])} <span class=muted>{where}</span></h2>"
@@ -376,6 +377,18 @@ def trace(found: dict[str, Any]) -> str:
         f'<table id="waterfall"><thead><tr><th>span</th><th class=num>ms</th><th>timeline</th></tr>'
         f"</thead><tbody>{''.join(rows)}</tbody></table>{''.join(details)}",
     )
+
+
+def _event(event: dict[str, Any]) -> str:
+    attributes = dict(event["attributes"])
+    stacks = attributes.pop("stacks", None)
+    out = f"<h3 class=warn>{h(event['name'])}</h3><pre>{h(json.dumps(attributes, indent=2))}</pre>"
+    if isinstance(stacks, str):
+        try:
+            out += flamegraph.svg(json.loads(stacks), label="samples of this request")
+        except ValueError:
+            pass
+    return out
 
 
 def _findings_table(found: list[dict[str, Any]]) -> str:

@@ -239,6 +239,15 @@ def route_series(
     ]
 
 
+def flame(store: Store, service: str, route: str, method: str) -> dict[str, int]:
+    """Collapsed stack -> samples, over the route's sampled slow requests."""
+    rows = store.query(
+        "SELECT stack, count FROM route_stacks WHERE service = ? AND route = ? AND method = ?",
+        [service, route, method],
+    )
+    return {r[0]: r[1] for r in rows}
+
+
 _FINDING_COLUMNS = "kind, service, first_seen, last_seen, occurrences, example_trace_id, data"
 
 

@@ -52,6 +52,15 @@ CREATE TABLE IF NOT EXISTS route_queries (
     PRIMARY KEY (service, route, method)
 );
 
+CREATE TABLE IF NOT EXISTS route_stacks (
+    service TEXT NOT NULL,
+    route TEXT NOT NULL,
+    method TEXT NOT NULL,
+    stack TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (service, route, method, stack)
+);
+
 CREATE TABLE IF NOT EXISTS findings (
     key TEXT PRIMARY KEY,
     kind TEXT NOT NULL,
@@ -246,6 +255,9 @@ class Store:
             self._writer.execute("BEGIN")
             for f in findings:
                 fields = f.fields
+                stacks = fields.pop("stacks", None)
+                if isinstance(stacks, dict):
+                    self._add_stacks(f.service, fields, stacks)
                 self._writer.execute(
                     """
                     INSERT INTO findings VALUES (?,?,?,?,?,?,?,?,?,?,?,?)
@@ -271,6 +283,25 @@ class Store:
                         json.dumps(fields),
                     ),
                 )
+
+    def _add_stacks(self, service: str, fields: dict[str, Any], stacks: dict) -> None:
+        """Sampled stacks of a slow request, added to its route's flame graph."""
+        rows = [
+            (
+                service,
+                str(fields.get("route") or ""),
+                str(fields.get("method") or ""),
+                stack[:8192],
+                n,
+            )
+            for stack, n in list(stacks.items())[:500]
+            if isinstance(stack, str) and isinstance(n, int) and 0 < n < 1_000_000
+        ]
+        self._writer.executemany(
+            "INSERT INTO route_stacks VALUES (?,?,?,?,?) ON CONFLICT DO UPDATE SET "
+            "count = count + excluded.count",
+            rows,
+        )
 
     def add_histograms(self, points: Iterable[HistogramPoint]) -> None:
         """Keeps the latest cumulative point per stream, and per-minute deltas for windows."""

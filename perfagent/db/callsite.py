@@ -55,6 +55,7 @@ def _library_roots() -> tuple[str, ...]:
 class AppFrames:
     def __init__(self) -> None:
         self._roots = _library_roots()
+        self._agent_root = os.path.dirname(os.path.abspath(__file__)).rsplit(os.sep, 1)[0] + os.sep
         self._kind: dict[CodeType, int] = {}
         self._loops: dict[CodeType, tuple[tuple[int, int], ...]] = {}
         self._cwd = os.getcwd()
@@ -137,6 +138,15 @@ class AppFrames:
             awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
         chain.reverse()
         return chain[:MAX_FRAMES]
+
+    def is_app(self, code: CodeType) -> bool:
+        kind = self._kind.get(code)
+        if kind is None:
+            kind = self._classify(code)
+        return kind == _APP
+
+    def is_agent(self, code: CodeType) -> bool:
+        return code.co_filename.startswith(self._agent_root)
 
     def in_loop(self, code: CodeType, offset: int) -> bool:
         loops = self._loops.get(code)

@@ -378,7 +378,7 @@ class LoopWatchdog:
         except RuntimeError:
             return None
         for task in tasks:
-            record = _task_record(task, self._adapter_code)
+            record = _task_record(task, self._adapter_code, self._loop_thread)
             if record is not None and record.carrier is scope:
                 return record
         return None
@@ -404,6 +404,11 @@ class LoopWatchdog:
         }
         if paused > 0.0:
             fields["paused_ms"] = round(paused * 1000.0, 1)
+        # The monitor could not run during the block (C code held the GIL): its
+        # first sample came when the GIL was released, so the stack is best effort.
+        late = dead > 0.0 and paused == 0.0
+        if late:
+            fields["late"] = True
         record = None
         if stall is not None and stall.samples:
             counts = Counter(key for key, _ in stall.samples)
@@ -415,7 +420,7 @@ class LoopWatchdog:
             stack = stacks.most_common(1)[0][0]
             record, route = stall.records.get(key, (None, None))
             fields["route"] = route
-            fields["callsite"] = self._callsite(stack)
+            fields["callsite"] = self._callsite(stack, app_only=late)
             fields["stack"] = self._format(stack)
             if stack:
                 fields["task"] = stack[-1][2]
@@ -440,12 +445,14 @@ class LoopWatchdog:
         except RuntimeError:  # the loop closed: report from here
             self._deliver("event_loop_blocked", fields, record)
 
-    def _callsite(self, stack: tuple[tuple[str, int, str], ...]) -> str | None:
+    def _callsite(self, stack: tuple[tuple[str, int, str], ...], app_only: bool) -> str | None:
         """The innermost app frame; else the innermost frame that is not the agent's."""
         frames = self.frames
         for filename, line, _ in stack:
             if frames.is_app(filename):
                 return f"{frames.show(filename)}:{line}"
+        if app_only:
+            return None
         for filename, line, _ in stack:
             if not frames.is_agent(filename):
                 return f"{frames.show(filename)}:{line}"
@@ -489,6 +496,7 @@ class PoolWatch:
     """
 
     def __init__(self, agent: Any, limiter: Any, threshold: float, adapter: CodeType) -> None:
+        self._loop_thread = threading.get_ident()  # made on the loop's thread
         self.agent = agent
         self.limiter = limiter
         self.threshold = threshold
@@ -537,7 +545,7 @@ class PoolWatch:
         """Route -> how many of ``tasks`` serve it ("" for tasks that serve no request)."""
         routes: dict[str, int] = {}
         for task in tasks:
-            record = _task_record(task, self._adapter)
+            record = _task_record(task, self._adapter, self._loop_thread)
             route = (record.route_now() or "") if record is not None else ""
             routes[route] = routes.get(route, 0) + 1
         return routes
@@ -559,7 +567,7 @@ def _record_of(frame: FrameType) -> Any:
     return _local(frame, "record")
 
 
-def _task_record(task: Any, adapter: CodeType) -> Any:
+def _task_record(task: Any, adapter: CodeType, loop_thread: int) -> Any:
     """The request record of a task whose awaited coroutines run through the adapter."""
     awaited = task.get_coro() if hasattr(task, "get_coro") else None
     for _ in range(MAX_DEPTH):
@@ -570,6 +578,16 @@ def _task_record(task: Any, adapter: CodeType) -> Any:
             record = _record_of(frame)
             if record is not None:
                 return record
+        if getattr(awaited, "cr_running", False):
+            # Running now, so not awaiting anything: the rest is on the loop's stack.
+            top: FrameType | None = sys._current_frames().get(loop_thread)
+            while top is not None:
+                if top.f_code is adapter:
+                    record = _record_of(top)
+                    if record is not None:
+                        return record
+                top = top.f_back
+            return None
         awaited = getattr(awaited, "cr_await", None)
     return None
 

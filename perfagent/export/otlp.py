@@ -173,6 +173,28 @@ def query_spans(record: RequestRecord, clock_offset_ns: int) -> list[Span]:
     return spans
 
 
+def app_spans(record: RequestRecord, clock_offset_ns: int) -> list[Span]:
+    """An INTERNAL span per ``perfagent.span``/``@perfagent.timed`` block of the request."""
+    trace_id, server_id = record.trace_ids()
+    out = []
+    for name, start, end, error in record.spans or ():
+        span = Span(
+            trace_id=trace_id.to_bytes(16, "big"),
+            span_id=(random.getrandbits(64) or 1).to_bytes(8, "big"),
+            parent_span_id=server_id.to_bytes(8, "big"),
+            flags=0x101,
+            name=name,
+            kind=Span.SPAN_KIND_INTERNAL,
+            start_time_unix_nano=int(start * 1e9) + clock_offset_ns,
+            end_time_unix_nano=int(end * 1e9) + clock_offset_ns,
+            attributes=attributes({"error.type": error}),
+        )
+        if error:
+            span.status.CopyFrom(Status(code=Status.STATUS_CODE_ERROR))
+        out.append(span)
+    return out
+
+
 def clock_offset_ns() -> int:
     """Add to ``perf_counter() * 1e9`` to get Unix nanoseconds."""
     return time.time_ns() - int(time.perf_counter() * 1e9)
@@ -185,6 +207,8 @@ def encode(records: Iterable[RequestRecord], res: Resource) -> bytes:
         spans.append(server_span(record, offset))
         if record.queries:
             spans.extend(query_spans(record, offset))
+        if record.spans:
+            spans.extend(app_spans(record, offset))
     request = ExportTraceServiceRequest(
         resource_spans=[
             ResourceSpans(resource=res, scope_spans=[ScopeSpans(scope=_SCOPE, spans=spans)])

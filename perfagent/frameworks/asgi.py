@@ -13,6 +13,9 @@ mount prefix as a template even when the mount path has parameters.
 
 from __future__ import annotations
 
+import hmac
+from asyncio import current_task
+from threading import get_ident
 from time import perf_counter
 from types import MethodType
 from typing import Any
@@ -71,6 +74,8 @@ class PerfagentASGI:
         self._server_timing = agent.settings.server_timing
         #: OpenTelemetry's middleware is inside: it makes the server spans.
         self._foreign = foreign
+        token = agent.settings.profile_token
+        self._profile_token = token.encode() if token else None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if self._agent.loop_watch_pending:  # once per loop (lifespan or first request)
@@ -92,7 +97,11 @@ class PerfagentASGI:
             # FastAPI's built-in telemetry (outside us) or OpenTelemetry's middleware
             # (inside us) makes this request's server span; its ids are the request's.
             record.foreign = True
+        if self._profile_token is not None:
+            record.profile = _asks_for_profile(scope, self._profile_token)
         token = current.set(record)
+        agent.inflight[record] = (get_ident(), current_task())  # for the slow-request sampler
+        agent.thread.ensure_started()
         # With OpenTelemetry's middleware inside, it must find no span current, or
         # it would make its server span an INTERNAL one.
         otel = None if self._foreign else agent.otel
@@ -149,6 +158,13 @@ class PerfagentASGI:
             if record.route is None:
                 record.route = ""
             agent.finish(record)
+
+
+def _asks_for_profile(scope: Any, token: bytes) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"x-perfagent-profile":
+            return hmac.compare_digest(value, token)
+    return False
 
 
 def _mount_handle(agent: Agent, original: Any) -> Any:

@@ -12,6 +12,8 @@ adapter then only names the route, so the request is counted once.
 
 from __future__ import annotations
 
+import hmac
+from threading import get_ident
 from time import perf_counter
 from typing import Any
 
@@ -98,7 +100,12 @@ class FlaskInstrumentation:
             # OpenTelemetry's FlaskInstrumentor makes this request's server span.
             record.foreign = True
             otel = None
+        profile_token = agent.settings.profile_token
+        if profile_token and "HTTP_X_PERFAGENT_PROFILE" in environ:
+            record.profile = hmac.compare_digest(environ["HTTP_X_PERFAGENT_PROFILE"], profile_token)
         token = current.set(record)
+        agent.inflight[record] = (get_ident(), None)  # for the slow-request sampler
+        agent.thread.ensure_started()
         server_timing = agent.settings.server_timing
         otel_token = None
         try:

@@ -1,0 +1,1 @@
+"""Where the time went: the in-process sampler of slow requests, and py-spy from outside."""

@@ -1,0 +1,176 @@
+"""Stack samples of the requests that run long, taken from the agent thread.
+
+Nothing is sampled while every request is quick: each tick the agent thread
+compares the start time of the few in-flight requests with half the slow
+threshold, and only past it does it look at a stack. Where the request is:
+
+- sync code (Flask, a thread): the stack of its thread;
+- async code running on the loop right now: the loop thread's stack, when it
+  holds this request's adapter frame;
+- a FastAPI ``def`` endpoint: the pool thread whose stack holds that endpoint;
+- async code waiting (``await``): the task's chain of awaiting coroutines,
+  which ends where it waits.
+
+Each sample is kept as a collapsed stack (``frame;frame;...`` root first,
+perfagent's own frames left out) with the innermost app line, so a slow
+request's ``callsite`` is the app line with the most samples, and the stacks
+make the route's flame graph.
+"""
+
+from __future__ import annotations
+
+import sys
+from time import perf_counter
+from types import FrameType
+from typing import Any
+
+from perfagent.db.callsite import AppFrames
+from perfagent.record import RequestRecord
+
+MAX_DEPTH = 64
+MAX_STACKS_PER_REQUEST = 200
+
+
+class StackSampler:
+    def __init__(self, slow_s: float, frames: AppFrames, inflight: dict) -> None:
+        self._after = slow_s * 0.5
+        self.interval = min(max(slow_s / 50.0, 0.005), 0.02)
+        self._frames = frames
+        self._inflight = inflight
+        self._adapter_code: Any = None
+        self._endpoint_codes: dict[int, Any] = {}
+        self._labels: dict[Any, str] = {}
+
+    def tick(self) -> None:
+        """Agent thread: sample the requests that have been running long enough."""
+        if not self._inflight:
+            return
+        now = perf_counter()
+        due = [
+            (record, where)
+            for record, where in list(self._inflight.items())
+            if record.profile or now - record.start >= self._after
+        ]
+        if not due:
+            return
+        threads = sys._current_frames()
+        for record, (thread_id, task) in due:
+            if record.done:
+                continue
+            frames = self._locate(record, thread_id, task, threads)
+            if frames:
+                self._keep(record, frames)
+
+    # -- where the request is -----------------------------------------------
+
+    def _locate(
+        self, record: RequestRecord, thread_id: int, task: Any, threads: dict[int, FrameType]
+    ) -> list[Any]:
+        top = threads.get(thread_id)
+        if task is None:
+            return _chain(top)
+        if top is not None and self._holds(top, record):
+            return _chain(top)  # running on the loop right now
+        endpoint = self._endpoint_code(record)
+        if endpoint is not None:
+            for other_id, frame in threads.items():
+                if other_id != thread_id and _contains(frame, endpoint):
+                    return _chain(frame)  # a `def` endpoint in the thread pool
+        return _awaiting(task)
+
+    def _holds(self, frame: FrameType | None, record: RequestRecord) -> bool:
+        if self._adapter_code is None:
+            from perfagent.frameworks.asgi import PerfagentASGI
+
+            self._adapter_code = PerfagentASGI.__call__.__code__
+        while frame is not None:
+            if frame.f_code is self._adapter_code:
+                return frame.f_locals.get("record") is record
+            frame = frame.f_back
+        return False
+
+    def _endpoint_code(self, record: RequestRecord) -> Any:
+        carrier = record.carrier
+        endpoint = carrier.get("endpoint") if isinstance(carrier, dict) else None
+        if endpoint is None:
+            return None
+        code = self._endpoint_codes.get(id(endpoint))
+        if code is None:
+            code = getattr(getattr(endpoint, "__wrapped__", endpoint), "__code__", None)
+            if len(self._endpoint_codes) < 10_000:
+                self._endpoint_codes[id(endpoint)] = code
+        return code
+
+    # -- what is kept -------------------------------------------------------
+
+    def _keep(self, record: RequestRecord, frames: list[Any]) -> None:
+        frames_of = self._frames
+        parts, app_line = [], None
+        for frame in frames:  # root first
+            code, line = frame[0], frame[1]
+            label = self._labels.get(code)
+            if label is None:
+                label = f"{code.co_name} ({frames_of.relative(code.co_filename)})"
+                if len(self._labels) < 50_000:
+                    self._labels[code] = label
+            if frames_of.is_agent(code):
+                continue
+            parts.append(label)
+            if frames_of.is_app(code):
+                app_line = f"{frames_of.relative(code.co_filename)}:{line}"
+        if not parts:
+            return
+        key = (";".join(parts), app_line)
+        samples = record.samples
+        if samples is None:
+            samples = record.samples = {}
+        if key in samples or len(samples) < MAX_STACKS_PER_REQUEST:
+            samples[key] = samples.get(key, 0) + 1
+
+
+def _chain(frame: FrameType | None) -> list[Any]:
+    """(code, line) pairs from the root of the stack to ``frame``."""
+    out = []
+    while frame is not None and len(out) < MAX_DEPTH:
+        out.append((frame.f_code, frame.f_lineno))
+        frame = frame.f_back
+    out.reverse()
+    return out
+
+
+def _contains(frame: FrameType | None, code: Any) -> bool:
+    depth = 0
+    while frame is not None and depth < MAX_DEPTH:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+        depth += 1
+    return False
+
+
+def _awaiting(task: Any) -> list[Any]:
+    """(code, line) pairs of the coroutines a task is awaiting through, outermost first."""
+    out = []
+    try:
+        awaited = task.get_coro()
+    except Exception:
+        return out
+    while awaited is not None and len(out) < MAX_DEPTH:
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+        if frame is None:
+            break
+        out.append((frame.f_code, frame.f_lineno))
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+    return out
+
+
+def summarize(samples: dict[tuple[str, str | None], int]) -> tuple[str | None, dict[str, int]]:
+    """(the app line with most samples, collapsed stack -> count)."""
+    lines: dict[str, int] = {}
+    stacks: dict[str, int] = {}
+    for (stack, line), count in samples.items():
+        stacks[stack] = stacks.get(stack, 0) + count
+        if line is not None:
+            lines[line] = lines.get(line, 0) + count
+    callsite = max(lines, key=lines.__getitem__) if lines else None
+    return callsite, stacks

@@ -1,0 +1,199 @@
+"""Slow requests explained: the line where the time went, flame graphs, profiles on demand."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+import requests
+from helpers import APPS, PERFAGENT, Server, clean_env, free_port
+from test_console import poll
+
+TOKEN = "profile-token-0123456789"
+
+
+def marks(name: str) -> set[str]:
+    """The lines tagged ``# MARK name`` (a hot loop's time is spread over its lines)."""
+    lines = (APPS / "slow_app.py").read_text().splitlines()
+    found = {
+        f"slow_app.py:{number}"
+        for number, line in enumerate(lines, start=1)
+        if line.rstrip().endswith(f"# MARK {name}")
+    }
+    assert found, name
+    return found
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """A console, and the slow app under `perfagent run` sending to it."""
+    console_port, port = free_port(), free_port()
+    db = tmp_path_factory.mktemp("console") / "c.db"
+    console = Server(
+        [*PERFAGENT, "console", "--port", str(console_port), "--db", str(db)],
+        console_port,
+        clean_env(),
+    )
+    argv = [*PERFAGENT, "run", "--metrics-port", "0", "--console-url", console.base]
+    argv += ["--slow-ms", "300", "--log-format", "json", "--"]
+    argv += ["uvicorn", "slow_app:app", "--port", str(port)]
+    env = clean_env(PERFAGENT_TRACE_SAMPLE="0", PERFAGENT_PROFILE_TOKEN=TOKEN)
+    app = Server(argv, port, env)
+    try:
+        console.wait_listening()
+        app.wait_listening()
+        yield console, app
+    finally:
+        app.stop()
+        console.stop()
+
+
+def slow_events(app: Server, route: str, expect: int = 1) -> list[dict]:
+    deadline = time.monotonic() + 10
+    while True:
+        events = [
+            json.loads(line)
+            for line in app.output().splitlines()
+            if line.startswith("{") and '"slow_request"' in line
+        ]
+        events = [e for e in events if e["route"] == route]
+        if len(events) >= expect or time.monotonic() > deadline:
+            return events
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize(
+    ("route", "line"),
+    [("/slow/async-helper", "pause"), ("/slow/sync-helper", "nap"), ("/slow/cpu", "burn")],
+)
+def test_slow_request_names_the_line_where_the_time_went(stack, route, line):
+    _console, app = stack
+    assert app.get(route).status_code == 200
+    (event,) = slow_events(app, route)
+    assert event["duration_ms"] >= 450 and event["threshold_ms"] == 300
+    assert event["callsite"] in marks(line), event
+
+
+def test_fast_requests_are_never_sampled(stack):
+    _console, app = stack
+    for _ in range(20):
+        assert app.get("/fast").status_code == 200
+    assert slow_events(app, "/fast", expect=0) == []
+
+
+def test_flame_graph_of_a_cpu_bound_route_names_the_hot_function(stack):
+    console, app = stack
+    assert app.get("/slow/cpu").status_code == 200
+    params = {"service": "unknown_service:python", "route": "/slow/cpu", "method": "GET"}
+    stacks = poll(
+        lambda: requests.get(console.base + "/api/flamegraph", params=params, timeout=5).json()[
+            "stacks"
+        ],
+        lambda found: sum(found.values()) >= 20,
+    )
+    hot = sum(n for s, n in stacks.items() if s.split(";")[-1].startswith("burn (slow_app.py)"))
+    assert hot / sum(stacks.values()) > 0.8, stacks
+    collapsed = requests.get(
+        console.base + "/api/flamegraph", params={**params, "fmt": "collapsed"}, timeout=5
+    ).text
+    assert all(line.rsplit(" ", 1)[1].isdigit() for line in collapsed.strip().splitlines())
+    page = requests.get(console.base + "/route", params=params, timeout=5).text
+    assert '<svg class="flame"' in page and "burn (slow_app.py)" in page
+
+
+def test_profile_header_works_with_the_token_and_not_without(stack):
+    console, app = stack
+    answers = [
+        app.get("/fast", headers={"x-perfagent-profile": TOKEN}),
+        app.get("/fast", headers={"x-perfagent-profile": "wrong-token-0123456789"}),
+        app.get("/fast"),
+    ]
+    assert {tuple(sorted(k for k in r.headers if k != "server-timing")) for r in answers} == {
+        tuple(sorted(k for k in answers[2].headers if k != "server-timing"))
+    }, "a wrong or missing token must change nothing the client can see"
+    profiled = [
+        json.loads(line)
+        for line in app.output().splitlines()
+        if line.startswith("{") and '"request_profiled"' in line
+    ]
+    assert len(profiled) == 1
+    trace = poll(
+        lambda: requests.get(f"{console.base}/api/traces/{profiled[0]['trace_id']}", timeout=5),
+        lambda r: r.status_code == 200,
+    ).json()
+    (event,) = [e for s in trace["spans"] for e in s["events"] if e["name"] == "profile"]
+    assert event["attributes"]["route"] == "/fast"
+    kept = requests.get(console.base + "/api/requests", params={"route": "/fast"}, timeout=5)
+    assert [r["trace_id"] for r in kept.json()] == [profiled[0]["trace_id"]]
+
+
+def test_timed_and_span_become_child_spans(stack):
+    console, app = stack
+    response = app.get("/timed", headers={"x-perfagent-profile": TOKEN})  # keeps its trace
+    assert response.status_code == 200
+    time.sleep(0.2)
+    profiled = [
+        json.loads(line)
+        for line in app.output().splitlines()
+        if line.startswith("{") and '"request_profiled"' in line and '"/timed"' in line
+    ]
+    trace = poll(
+        lambda: requests.get(f"{console.base}/api/traces/{profiled[-1]['trace_id']}", timeout=5),
+        lambda r: r.status_code == 200,
+    ).json()
+    children = {s["name"]: s for s in trace["spans"] if s["kind"] == 1}  # INTERNAL
+    assert set(children) == {"load", "render"}
+    server = next(s for s in trace["spans"] if s["kind"] == 2)
+    assert all(c["parent_span_id"] == server["span_id"] for c in children.values())
+    assert children["load"]["duration_ms"] >= 10 and children["render"]["duration_ms"] >= 5
+
+
+def test_perfagent_profile_writes_svg_and_speedscope(servers, tmp_path):
+    port = free_port()
+    app = servers(
+        ["python3", "-m", "uvicorn", "slow_app:app", "--port", str(port)], port, clean_env()
+    )
+    app.wait_listening()
+    pid = app.get("/pid").json()["pid"]
+    svg, speedscope = tmp_path / "p.svg", tmp_path / "p.json"
+    for output, fmt in ((svg, "flamegraph"), (speedscope, "speedscope")):
+        load = subprocess.Popen(
+            [
+                "python3",
+                "-c",
+                f"import requests\nfor _ in range(6): requests.get('{app.base}/slow/cpu')",
+            ]
+        )
+        result = subprocess.run(
+            [
+                *PERFAGENT,
+                "profile",
+                "--pid",
+                str(pid),
+                "--duration",
+                "2",
+                "--format",
+                fmt,
+                "-o",
+                str(output),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        load.wait(30)
+        assert result.returncode == 0, result.stderr
+    assert svg.read_text().lstrip().startswith("<?xml") and "<svg" in svg.read_text()
+    assert "burn" in svg.read_text()
+    data = json.loads(speedscope.read_text())
+    assert "speedscope" in data["$schema"] and data["profiles"]
+
+    wrong = subprocess.run(
+        [*PERFAGENT, "profile", "--pid", "999999", "--duration", "1", "-o", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert wrong.returncode != 0 and len(wrong.stderr.strip().splitlines()) == 1
