@@ -55,6 +55,7 @@ class Agent:
         self.loop_watchdog: Any = None
         self._watch_lock = threading.Lock()
         self._slow_s = settings.slow_ms / 1000.0  # read per request: a plain attribute
+        self._slow_routes = {route: ms / 1000.0 for route, ms in settings.slow_routes}
         self.sampler = Sampler.from_environment(settings.trace_sample)
         self.thread = AgentThread(self.internal_error)
         self.thread.every(1.0, self.metrics.stats.flush)
@@ -69,7 +70,9 @@ class Agent:
         self.capture = QueryCapture(self.internal_error)
         #: Requests in flight -> (thread id, asyncio task or None), for the sampler.
         self.inflight: dict[RequestRecord, tuple[int, Any]] = {}
-        self.stack_sampler = StackSampler(self._slow_s, self.capture.frames, self.inflight)
+        self.stack_sampler = StackSampler(
+            min(self._slow_s, *self._slow_routes.values()), self.capture.frames, self.inflight
+        )
         self.thread.every(self.stack_sampler.interval, self.stack_sampler.tick)
         self.steps: list[Step] = [
             self.metrics.request_ended,
@@ -204,7 +207,10 @@ class Agent:
         # A stream (SSE, a long download) is judged by its time to first byte.
         end = (record.first_byte or record.end) if record.streaming else record.end
         took = end - record.start
-        if took < self._slow_s:
+        threshold = (
+            self._slow_routes.get(record.route, self._slow_s) if self._slow_routes else self._slow_s
+        )
+        if took < threshold:
             return
         self.metrics.count_slow(record)
         callsite, stacks = summarize(record.samples) if record.samples else (None, None)
@@ -213,7 +219,7 @@ class Agent:
             "method": record.method,
             "status": record.status,
             "duration_ms": round(took * 1000.0, 3),
-            "threshold_ms": self.settings.slow_ms,
+            "threshold_ms": round(threshold * 1000.0, 3),
             "trace_id": record.trace_id,
             "callsite": callsite,
         }

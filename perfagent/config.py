@@ -45,6 +45,8 @@ class Settings:
     export_interval_s: float = 10.0
     #: With a token, a request sent with ``X-Perfagent-Profile: <token>`` is profiled.
     profile_token: str = ""
+    #: Route template -> its own slow threshold in ms (``/report=2000,/export/{id}=5000``).
+    slow_routes: tuple[tuple[str, float], ...] = ()
 
 
 def _parse_bool(text: Any) -> bool:
@@ -109,6 +111,22 @@ def _token(text: Any) -> str:
     return value
 
 
+def _route_thresholds(value: Any) -> tuple[tuple[str, float], ...]:
+    """``{"/report": 2000}`` (pyproject) or ``/report=2000,/export/{id}=5000`` (environment)."""
+    if isinstance(value, dict):
+        pairs = list(value.items())
+    else:
+        pairs = []
+        for item in str(value).split(","):
+            if item.strip():
+                route, sep, ms = item.rpartition("=")
+                if not sep or not route.strip():
+                    raise ValueError("expected ROUTE=MS pairs separated by commas")
+                pairs.append((route.strip(), ms))
+    parse_ms = _number(1, 86_400_000, integer=False, unit="milliseconds per route")
+    return tuple((str(route), parse_ms(ms)) for route, ms in pairs)
+
+
 def _name(text: Any) -> str:
     value = str(text).strip()
     if not value:
@@ -130,6 +148,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "service_name": _name,
     "export_interval_s": _number(0.1, 3600, integer=False, unit="seconds"),
     "profile_token": _token,
+    "slow_routes": _route_thresholds,
 }
 SETTING_NAMES: tuple[str, ...] = tuple(f.name for f in fields(Settings))
 
@@ -237,5 +256,10 @@ def settings_to_environ(settings: Settings) -> dict[str, str]:
     out: dict[str, str] = {}
     for key in SETTING_NAMES:
         value = getattr(settings, key)
-        out[env_name(key)] = ("1" if value else "0") if isinstance(value, bool) else str(value)
+        if isinstance(value, bool):
+            out[env_name(key)] = "1" if value else "0"
+        elif isinstance(value, tuple):
+            out[env_name(key)] = ",".join(f"{route}={ms:g}" for route, ms in value)
+        else:
+            out[env_name(key)] = str(value)
     return out

@@ -80,3 +80,14 @@ def test_settings_round_trip_through_the_environment(tmp_path):
     settings = load_settings({"slow_ms": 250, "server_timing": False}, environ={}, cwd=tmp_path)
     again = load_settings(environ=settings_to_environ(settings), cwd=tmp_path)
     assert again == settings
+
+
+def test_per_route_slow_thresholds_from_environment_and_pyproject(tmp_path):
+    environ = {"PERFAGENT_SLOW_ROUTES": "/report=2000, /export/{id}=5000"}
+    settings = load_settings(environ=environ, cwd=tmp_path)
+    assert settings.slow_routes == (("/report", 2000.0), ("/export/{id}", 5000.0))
+    assert load_settings(environ=settings_to_environ(settings), cwd=tmp_path) == settings
+    (tmp_path / "pyproject.toml").write_text('[tool.perfagent.slow_routes]\n"/report" = 1500\n')
+    assert load_settings(environ={}, cwd=tmp_path).slow_routes == (("/report", 1500.0),)
+    with pytest.raises(ConfigError, match="PERFAGENT_SLOW_ROUTES"):
+        load_settings(environ={"PERFAGENT_SLOW_ROUTES": "/report=fast"}, cwd=tmp_path)

@@ -39,7 +39,11 @@ def stack(tmp_path_factory):
     argv = [*PERFAGENT, "run", "--metrics-port", "0", "--console-url", console.base]
     argv += ["--slow-ms", "300", "--log-format", "json", "--"]
     argv += ["uvicorn", "slow_app:app", "--port", str(port)]
-    env = clean_env(PERFAGENT_TRACE_SAMPLE="0", PERFAGENT_PROFILE_TOKEN=TOKEN)
+    env = clean_env(
+        PERFAGENT_TRACE_SAMPLE="0",
+        PERFAGENT_PROFILE_TOKEN=TOKEN,
+        PERFAGENT_SLOW_ROUTES="/slow/lenient=2000",
+    )
     app = Server(argv, port, env)
     try:
         console.wait_listening()
@@ -76,7 +80,13 @@ def test_slow_request_names_the_line_where_the_time_went(stack, route, line):
     assert event["callsite"] in marks(line), event
 
 
-def test_fast_requests_are_never_sampled(stack):
+def test_a_route_threshold_overrides_the_default(stack):
+    _console, app = stack
+    assert app.get("/slow/lenient").status_code == 200  # 0.5 s, under its own 2 s
+    assert slow_events(app, "/slow/lenient", expect=0) == []
+
+
+def test_fast_requests_are_not_reported(stack):
     _console, app = stack
     for _ in range(20):
         assert app.get("/fast").status_code == 200

@@ -50,6 +50,12 @@ def slow_cpu():
     return {"turns": burn(0.5)}
 
 
+@app.get("/slow/lenient")
+async def slow_lenient():
+    await asyncio.sleep(0.5)
+    return {}
+
+
 @app.get("/fast")
 async def fast():
     return {"fast": True}
