@@ -71,7 +71,7 @@ class Agent:
         #: Requests in flight -> (thread id, asyncio task or None), for the sampler.
         self.inflight: dict[RequestRecord, tuple[int, Any]] = {}
         self.stack_sampler = StackSampler(
-            min(self._slow_s, *self._slow_routes.values()), self.capture.frames, self.inflight
+            min([self._slow_s, *self._slow_routes.values()]), self.capture.frames, self.inflight
         )
         self.thread.every(self.stack_sampler.interval, self.stack_sampler.tick)
         self.steps: list[Step] = [
