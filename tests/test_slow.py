@@ -115,10 +115,11 @@ def test_flame_graph_of_a_cpu_bound_route_names_the_hot_function(stack):
 
 def test_profile_header_works_with_the_token_and_not_without(stack):
     console, app = stack
+    route = "/slow/lenient"  # 0.5 s, under its own 2 s threshold: only a profile keeps it
     answers = [
-        app.get("/fast", headers={"x-perfagent-profile": TOKEN}),
-        app.get("/fast", headers={"x-perfagent-profile": "wrong-token-0123456789"}),
-        app.get("/fast"),
+        app.get(route, headers={"x-perfagent-profile": TOKEN}),
+        app.get(route, headers={"x-perfagent-profile": "wrong-token-0123456789"}),
+        app.get(route),
     ]
     assert {tuple(sorted(k for k in r.headers if k != "server-timing")) for r in answers} == {
         tuple(sorted(k for k in answers[2].headers if k != "server-timing"))
@@ -126,17 +127,21 @@ def test_profile_header_works_with_the_token_and_not_without(stack):
     profiled = [
         json.loads(line)
         for line in app.output().splitlines()
-        if line.startswith("{") and '"request_profiled"' in line
+        if line.startswith("{") and '"request_profiled"' in line and route in line
     ]
-    assert len(profiled) == 1
+    assert len(profiled) == 1 and profiled[0]["samples"] >= 5
+    trace_id = profiled[0]["trace_id"]
     trace = poll(
-        lambda: requests.get(f"{console.base}/api/traces/{profiled[0]['trace_id']}", timeout=5),
+        lambda: requests.get(f"{console.base}/api/traces/{trace_id}", timeout=5),
         lambda r: r.status_code == 200,
     ).json()
     (event,) = [e for s in trace["spans"] for e in s["events"] if e["name"] == "profile"]
-    assert event["attributes"]["route"] == "/fast"
-    kept = requests.get(console.base + "/api/requests", params={"route": "/fast"}, timeout=5)
-    assert [r["trace_id"] for r in kept.json()] == [profiled[0]["trace_id"]]
+    assert event["attributes"]["route"] == route
+    kept = requests.get(console.base + "/api/requests", params={"route": route}, timeout=5)
+    assert [r["trace_id"] for r in kept.json()] == [trace_id]
+    assert f"/traces/{trace_id}" in requests.get(console.base + "/profiles", timeout=5).text
+    trace_page = requests.get(f"{console.base}/traces/{trace_id}", timeout=5).text
+    assert '<svg class="flame"' in trace_page and "slow_lenient (slow_app.py)" in trace_page
 
 
 def test_timed_and_span_become_child_spans(stack):

@@ -254,6 +254,10 @@ def create_app(store: Store, config: ConsoleConfig | None = None) -> FastAPI:
             raise HTTPException(404, "no such trace")
         return pages.trace(found)
 
+    @app.get("/profiles", response_class=html, include_in_schema=False)
+    def profiles_page() -> str:
+        return pages.profiles(queries.profiled(store))
+
     @app.get("/findings", response_class=html, include_in_schema=False)
     def findings_page(kind: str | None = None) -> str:
         return pages.findings(queries.findings(store, kind or None), kind)

@@ -96,6 +96,7 @@ _NAV = (
     ("/routes", "Routes"),
     ("/requests", "Requests"),
     ("/findings", "Findings"),
+    ("/profiles", "Profiles"),
 )
 
 
@@ -376,6 +377,17 @@ def trace(found: dict[str, Any]) -> str:
         f"<p>{h(root['service'])} · {_when(start / 1e9)} · {total / 1e6:,.1f} ms</p>"
         f'<table id="waterfall"><thead><tr><th>span</th><th class=num>ms</th><th>timeline</th></tr>'
         f"</thead><tbody>{''.join(rows)}</tbody></table>{''.join(details)}",
+    )
+
+
+def profiles(rows: list[dict[str, Any]]) -> str:
+    return layout(
+        "Profiles",
+        "/profiles",
+        "<h1>Profiles</h1><p class=muted>Requests profiled on demand (sent with "
+        "<code>X-Perfagent-Profile</code>); open one for its flame graph. Flame graphs of "
+        "slow requests are on each route's page; for a whole process use "
+        "<code>perfagent profile --pid PID</code>.</p>" + _requests_table(rows),
     )
 
 

@@ -301,6 +301,16 @@ def trace(store: Store, trace_id: str) -> dict[str, Any] | None:
     return {"trace_id": trace_id, "spans": [_span(r) for r in rows]}
 
 
+def profiled(store: Store, limit: int = 100) -> list[dict[str, Any]]:
+    """Kept requests that carry a profile (asked for with the profile header)."""
+    rows = store.query(
+        f"SELECT {_SPAN_COLUMNS} FROM spans WHERE kind = 2 AND findings > 0 "
+        'AND events LIKE \'%"name": "profile"%\' ORDER BY start_ns DESC LIMIT ?',
+        [limit],
+    )
+    return [_span(r) for r in rows]
+
+
 def requests(
     store: Store,
     *,
