@@ -19,6 +19,7 @@ from perfagent.background import AgentThread
 from perfagent.config import Settings
 from perfagent.db.capture import QueryCapture
 from perfagent.detectors.nplusone import NPlusOneDetector
+from perfagent.detectors.regression import RegressionDetector
 from perfagent.export.exporter import Exporter
 from perfagent.export.logs import make_logger
 from perfagent.export.metrics import Metrics, serving_registry, start_server
@@ -74,6 +75,8 @@ class Agent:
             min([self._slow_s, *self._slow_routes.values()]), self.capture.frames, self.inflight
         )
         self.thread.every(self.stack_sampler.interval, self.stack_sampler.tick)
+        regressions = RegressionDetector(self, settings.regression_window_s)
+        self.thread.every(regressions.window_s, regressions.tick)
         self.steps: list[Step] = [
             self.metrics.request_ended,
             self._detect_slow,

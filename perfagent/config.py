@@ -45,6 +45,8 @@ class Settings:
     export_interval_s: float = 10.0
     #: With a token, a request sent with ``X-Perfagent-Profile: <token>`` is profiled.
     profile_token: str = ""
+    #: Seconds per window when looking for latency regressions per route.
+    regression_window_s: float = 60.0
     #: Route template -> its own slow threshold in ms (``/report=2000,/export/{id}=5000``).
     slow_routes: tuple[tuple[str, float], ...] = ()
 
@@ -149,6 +151,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "export_interval_s": _number(0.1, 3600, integer=False, unit="seconds"),
     "profile_token": _token,
     "slow_routes": _route_thresholds,
+    "regression_window_s": _number(1, 86400, integer=False, unit="seconds"),
 }
 SETTING_NAMES: tuple[str, ...] = tuple(f.name for f in fields(Settings))
 

@@ -212,3 +212,32 @@ def test_perfagent_profile_writes_svg_and_speedscope(servers, tmp_path):
         timeout=30,
     )
     assert wrong.returncode != 0 and len(wrong.stderr.strip().splitlines()) == 1
+
+
+def test_a_route_whose_p95_jumps_is_reported_as_a_regression(servers):
+    from concurrent.futures import ThreadPoolExecutor
+
+    port = free_port()
+    argv = [*PERFAGENT, "run", "--no-console", "--metrics-port", "0", "--log-format", "json", "--"]
+    env = clean_env(PERFAGENT_REGRESSION_WINDOW_S="1", PERFAGENT_SLOW_MS="5000")
+    app = servers([*argv, "uvicorn", "slow_app:app", "--port", str(port)], port, env)
+    app.wait_listening()
+    with requests.Session() as session:
+        deadline = time.monotonic() + 4.5  # four usual windows of quick requests
+        while time.monotonic() < deadline:
+            session.get(app.base + "/variable")
+    with ThreadPoolExecutor(30) as pool:  # then a window of 0.15 s answers
+        list(pool.map(lambda _: requests.get(app.base + "/variable?delay=0.15"), range(120)))
+
+    def regressions() -> list[dict]:
+        return [
+            json.loads(line)
+            for line in app.output().splitlines()
+            if line.startswith("{") and '"latency_regression"' in line
+        ]
+
+    found = poll(regressions, bool, timeout=5)
+    (event,) = found
+    assert event["route"] == "/variable" and event["method"] == "GET"
+    assert event["p95_ms"] >= 100 and event["usual_p95_ms"] < 50
+    assert event["window_s"] == 1 and event["requests"] >= 20

@@ -22,7 +22,16 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from perfagent.console.store import FindingRow, HistogramPoint, SpanRow
 
-FINDING_KINDS = frozenset(("slow_request", "n_plus_one", "duplicate_query", "event_loop_blocked"))
+FINDING_KINDS = frozenset(
+    (
+        "slow_request",
+        "n_plus_one",
+        "duplicate_query",
+        "event_loop_blocked",
+        "event_loop_saturated",
+        "latency_regression",
+    )
+)
 MAX_STRING = 8192
 MAX_ATTRIBUTES = 256
 

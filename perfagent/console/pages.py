@@ -414,6 +414,8 @@ def _findings_table(found: list[dict[str, Any]]) -> str:
         what = f.get("fingerprint") or f.get("callsite") or ""
         if f["kind"] == "slow_request":
             what = f"{_ms(f.get('duration_ms'))} ms over {_ms(f.get('threshold_ms'))} ms"
+        elif f["kind"] == "latency_regression":
+            what = f"p95 {_ms(f.get('p95_ms'))} ms, usually {_ms(f.get('usual_p95_ms'))} ms"
         trace_id = f.get("example_trace_id")
         example = f'<a href="/traces/{h(trace_id)}">trace</a>' if trace_id else "-"
         body.append(
@@ -428,7 +430,14 @@ def _findings_table(found: list[dict[str, Any]]) -> str:
 def findings(found: list[dict[str, Any]], kind: str | None) -> str:
     kinds = " · ".join(
         f'<a href="{_link("/findings", kind=k)}">{k or "all"}</a>'
-        for k in ("", "slow_request", "n_plus_one", "duplicate_query", "event_loop_blocked")
+        for k in (
+            "",
+            "slow_request",
+            "latency_regression",
+            "n_plus_one",
+            "duplicate_query",
+            "event_loop_blocked",
+        )
     )
     return layout(
         "Findings",

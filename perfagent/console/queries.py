@@ -14,6 +14,7 @@ from collections import defaultdict
 from typing import Any
 
 from perfagent.console.store import Store
+from perfagent.histogram import quantile
 
 APDEX_T_S = 0.25  # T and 4T (1 s) are both bucket boundaries, so Apdex is exact
 _WINDOW = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
@@ -28,24 +29,6 @@ def parse_window(text: str | None) -> float | None:
     if not match or float(match.group(1)) <= 0:
         raise ValueError("window must look like 30s, 15m, 6h or 7d")
     return float(match.group(1)) * _UNIT[match.group(2)]
-
-
-def quantile(q: float, bounds: list[float], counts: list[int]) -> float | None:
-    """PromQL-style quantile (seconds) of a histogram with non-cumulative counts."""
-    total = sum(counts)
-    if total == 0:
-        return None
-    rank = q * total
-    running = 0
-    for index, count in enumerate(counts):
-        if running + count >= rank and count > 0:
-            if index == len(bounds):  # the +Inf bucket: the highest finite bound
-                return bounds[-1] if bounds else None
-            lower = bounds[index - 1] if index > 0 else 0.0
-            upper = bounds[index]
-            return lower + (upper - lower) * (rank - running) / count
-        running += count
-    return bounds[-1] if bounds else None
 
 
 def _at_or_below(limit: float, bounds: list[float], counts: list[int]) -> int:

@@ -30,8 +30,13 @@ Judging a gap:
   half of the samples is one callback holding the loop: a block. Otherwise
   many short callbacks ran back to back (a busy tick): ``event_loop_saturated``.
 * The request: the adapter's ``PerfagentASGI.__call__`` frame is on the
-  blocking task's stack; its ``record`` local is the request. A bare
-  callback has no such frame: route null.
+  blocking task's stack; its ``record`` local is the request. When the app
+  runs the endpoint in a task of its own (``BaseHTTPMiddleware``), the ASGI
+  ``scope`` on the stack leads to the task whose coroutines hold the adapter
+  frame. A bare callback has neither: route null.
+* The thread pool (``PoolWatch``): the same monitor reads anyio's default
+  thread limiter, and logs ``thread_pool_starved`` when sync endpoints queue
+  for a thread longer than the threshold.
 
 Findings are handed to the loop thread (``call_soon_threadsafe``), where the
 request's record lives, so attaching them never races the end of a request.
@@ -257,7 +262,7 @@ class LoopWatchdog:
             if not agent.running:
                 return
             if record is not None:
-                fields["route"] = record.route_now()
+                fields["route"] = record.route_now() or ""  # a request, no route matched yet
                 fields["method"] = record.method
                 fields["trace_id"] = record.trace_id
             agent.thread.ensure_started()

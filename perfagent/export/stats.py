@@ -56,6 +56,8 @@ class RequestStats:
         self._flush_lock = threading.Lock()  # agent thread and scrapes; never a request
         self._merged: dict[int, list[Any]] = {}  # id(entry) -> what was merged already
         self._gauge_children: dict[str, Any] = {}
+        #: (method, route) -> request counts per duration bucket since ``take_window()``.
+        self._window: dict[tuple[str, str], list[int]] = {}
 
     def buffer(self) -> _ThreadBuffer:
         try:
@@ -122,17 +124,33 @@ class RequestStats:
             child = histogram.children[key] = histogram.histogram.labels(*labels)
         # prometheus-client keeps one value per bucket (not cumulative) and the sum;
         # adding to them directly is what observe() does, once per observation.
+        window = None
+        if histogram is self._histograms[0]:  # request durations: also kept per window
+            route_key = (key[0], key[1])
+            window = self._window.get(route_key)
+            if window is None:
+                window = self._window[route_key] = [0] * histogram.width
         for index in range(histogram.width):
             delta = now[index] - before[index]
             if delta:
                 child._buckets[index].inc(delta)
+                if window is not None:
+                    window[index] += delta
         child._sum.inc(now[-1] - before[-1])
         self._merged[id(entry)] = now
+
+    def take_window(self) -> dict[tuple[str, str], list[int]]:
+        """Request durations per (method, route) since the last call, bucketed."""
+        self.flush()
+        with self._flush_lock:
+            window, self._window = self._window, {}
+        return window
 
     def after_fork_in_child(self) -> None:
         """A forked worker starts from zero: its parent's counts are the parent's."""
         self._local = threading.local()
         self._buffers = []
         self._merged = {}
+        self._window = {}
         self._register = threading.Lock()
         self._flush_lock = threading.Lock()

@@ -56,6 +56,12 @@ async def slow_lenient():
     return {}
 
 
+@app.get("/variable")
+async def variable(delay: float = 0.0):
+    await asyncio.sleep(delay)
+    return {}
+
+
 @app.get("/fast")
 async def fast():
     return {"fast": True}
