@@ -247,3 +247,29 @@ def test_retention_keeps_the_file_within_its_limit(tmp_path):
     assert (tmp_path / "r.db").stat().st_size <= 2.5e6
     newest = store.query("SELECT count(*) FROM spans WHERE trace_id LIKE '0000001d%'")[0][0]
     assert newest == 500, "the newest spans are the ones kept"
+
+
+def test_console_api_answers_a_fuzzer_without_server_errors(servers, tmp_path):
+    """schemathesis generates requests from the console's OpenAPI: none may get a 5xx."""
+    console = start_console(servers, tmp_path)
+    body = _span_request().SerializeToString()
+    proto = {"content-type": "application/x-protobuf"}
+    assert requests.post(console.base + "/v1/traces", data=body, headers=proto).status_code == 200
+    result = subprocess.run(
+        [
+            "schemathesis",
+            "run",
+            console.base + "/openapi.json",
+            "--checks",
+            "not_a_server_error",
+            "--max-examples",
+            "40",
+            "--seed",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert " passed" in result.stdout
