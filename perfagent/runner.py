@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 from perfagent.agent import RUNNER_ENV
 from perfagent.bootstrap import SITE_DIR
 from perfagent.config import Settings, settings_to_environ
+from perfagent.profiling.on_demand import ProfileRequests
 
 FORWARDED = (
     signal.SIGINT,
@@ -133,6 +134,7 @@ def run(command: list[str], settings: Settings, *, console: bool = True) -> int:
     metrics_server: Any = None
     console_pid: int | None = None
     child: int | None = None
+    profiles: ProfileRequests | None = None
     signal.pthread_sigmask(signal.SIG_BLOCK, _WAITED)  # before any thread starts
     try:
         where = []
@@ -174,9 +176,14 @@ def run(command: list[str], settings: Settings, *, console: bool = True) -> int:
         except OSError as exc:
             _say(f"cannot start {command[0]!r}: {exc.strerror}")
             return 127 if isinstance(exc, FileNotFoundError) else 126
+        if console:
+            profiles = ProfileRequests(settings.console_url, child, settings.service_name)
+            profiles.start()
         status = _wait(child)
         child = None
     finally:
+        if profiles is not None:
+            profiles.stop()
         if child is not None:  # the runner itself is failing: take the server down with it
             os.kill(child, signal.SIGTERM)
             os.waitpid(child, 0)

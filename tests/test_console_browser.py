@@ -111,6 +111,15 @@ def test_console_pages_in_a_real_browser(servers, tmp_path, page):
     page.locator("#live", has_text="slow_request").wait_for(timeout=15000)
     page.screenshot(path=str(ARTIFACTS / "overview-live.png"), full_page=True)
 
+    # Profiles: the button asks the runner for a whole-process profile.
+    page.goto(console.base + "/profiles")
+    page.fill("#seconds", "2")
+    page.click("#ask-profile")
+    page.locator("#asked", has_text="asked").wait_for(timeout=5000)
+    asked = requests.get(console.base + "/api/profiles", timeout=5).json()
+    assert asked and asked[0]["seconds"] == 2
+    page.screenshot(path=str(ARTIFACTS / "profiles.png"), full_page=True)
+
     # A hostile route name is shown as text, never run.
     response = requests.post(
         console.base + "/v1/traces",

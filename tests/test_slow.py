@@ -241,3 +241,31 @@ def test_a_route_whose_p95_jumps_is_reported_as_a_regression(servers):
     assert event["route"] == "/variable" and event["method"] == "GET"
     assert event["p95_ms"] >= 100 and event["usual_p95_ms"] < 50
     assert event["window_s"] == 1 and event["requests"] >= 20
+
+
+def test_the_console_can_ask_a_running_server_for_a_profile(servers, tmp_path):
+    console_port, port = free_port(), free_port()
+    console = servers(
+        [*PERFAGENT, "console", "--port", str(console_port), "--db", str(tmp_path / "c.db")],
+        console_port,
+        clean_env(),
+    )
+    console.wait_listening()
+    argv = [*PERFAGENT, "run", "--metrics-port", "0", "--console-url", console.base, "--"]
+    argv += ["uvicorn", "slow_app:app", "--port", str(port), "--workers", "2"]
+    app = servers(argv, port, clean_env())
+    app.wait_listening()
+
+    asked = requests.post(console.base + "/api/profiles", json={"seconds": 3}, timeout=5).json()
+    assert requests.post(console.base + "/api/profiles", json={"seconds": 999}).status_code == 422
+    started = time.monotonic()
+    while time.monotonic() - started < 8:  # keep the workers busy while py-spy records
+        app.get("/slow/cpu")
+    done = poll(
+        lambda: requests.get(console.base + "/api/profiles", timeout=5).json(),
+        lambda rows: rows and rows[0]["status"] in ("done", "failed"),
+        timeout=30,
+    )
+    assert done[0]["id"] == asked["id"] and done[0]["status"] == "done", done
+    page = requests.get(f"{console.base}/profiles/{asked['id']}", timeout=5).text
+    assert '<svg class="flame"' in page and "burn" in page

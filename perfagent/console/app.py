@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from perfagent._version import __version__
@@ -30,6 +31,11 @@ class RequestFilter:
     status: int | None = None
     min_ms: float | None = None
     has_finding: bool | None = None
+
+
+class ProfileAsk(BaseModel):
+    seconds: int = Field(10, ge=1, le=120)
+    service: str | None = Field(None, max_length=256)
 
 
 @dataclass(frozen=True)
@@ -208,6 +214,42 @@ def create_app(store: Store, config: ConsoleConfig | None = None) -> FastAPI:
             return Response(text, media_type="text/plain")
         return {"service": service, "route": route, "method": method, "stacks": stacks}
 
+    @app.post("/api/profiles")
+    def api_ask_profile(ask: ProfileAsk) -> dict[str, int]:
+        """Ask the processes started by `perfagent run` for a py-spy profile."""
+        return {"id": store.ask_profile(ask.seconds, ask.service or None)}
+
+    @app.get("/api/profiles")
+    def api_profiles() -> list[dict[str, Any]]:
+        return queries.profile_requests(store)
+
+    @app.post("/api/profiles/claim", include_in_schema=False)
+    def api_claim_profile(runner: str, service: str) -> Response:
+        claimed = store.claim_profile(runner[:128], service[:256])
+        if claimed is None:
+            return Response(status_code=204)
+        return JSONResponse({"id": claimed[0], "seconds": claimed[1]})
+
+    @app.post("/api/profiles/{request_id}/result", include_in_schema=False)
+    async def api_profile_result(request_id: int, request: Request) -> Response:
+        body = await _read_body(request, config.max_body_bytes)
+        try:
+            result = json.loads(body)
+            stacks, error = result.get("stacks"), result.get("error")
+            if stacks is not None and not isinstance(stacks, str):
+                raise ValueError("stacks must be collapsed-stack text")
+        except (ValueError, AttributeError):
+            return JSONResponse({"detail": "expected {stacks} or {error}"}, status_code=400)
+        done = await run_in_threadpool(store.finish_profile, request_id, stacks, error)
+        return Response(status_code=204 if done else 404)
+
+    @app.get("/profiles/{request_id}", response_class=HTMLResponse, include_in_schema=False)
+    def profile_page(request_id: int) -> str:
+        found = queries.profile_request(store, request_id)
+        if found is None:
+            raise HTTPException(404, "no such profile")
+        return pages.profile(found)
+
     @app.get("/api/live", include_in_schema=False)
     async def live(request: Request) -> StreamingResponse:
         return StreamingResponse(hub.stream(request), media_type="text/event-stream")
@@ -256,7 +298,7 @@ def create_app(store: Store, config: ConsoleConfig | None = None) -> FastAPI:
 
     @app.get("/profiles", response_class=html, include_in_schema=False)
     def profiles_page() -> str:
-        return pages.profiles(queries.profiled(store))
+        return pages.profiles(queries.profiled(store), queries.profile_requests(store))
 
     @app.get("/findings", response_class=html, include_in_schema=False)
     def findings_page(kind: str | None = None) -> str:

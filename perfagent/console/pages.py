@@ -380,14 +380,54 @@ def trace(found: dict[str, Any]) -> str:
     )
 
 
-def profiles(rows: list[dict[str, Any]]) -> str:
+def profiles(rows: list[dict[str, Any]], asked: list[dict[str, Any]]) -> str:
+    form = (
+        "<p><label>Profile the processes started by <code>perfagent run</code> for "
+        '<input id="seconds" type="number" min="1" max="120" value="10" style="width:4em"> '
+        's</label> <button id="ask-profile">Profile now</button> '
+        '<span id="asked" class="muted"></span></p>'
+        "<script>document.getElementById('ask-profile').onclick = async () => {"
+        "const seconds = parseInt(document.getElementById('seconds').value, 10);"
+        "const r = await fetch('/api/profiles', {method: 'POST',"
+        "headers: {'content-type': 'application/json'}, body: JSON.stringify({seconds})});"
+        "document.getElementById('asked').textContent = r.ok ? 'asked; reload when done' : "
+        "'refused: ' + r.status; };</script>"
+    )
+    head = (
+        "<tr><th>#</th><th>asked</th><th class=num>seconds</th><th>status</th>"
+        "<th>by</th><th>result</th></tr>"
+    )
+    body = [
+        f"<tr><td>{a['id']}</td><td>{_when(a['created'])}</td><td class=num>{a['seconds']}</td>"
+        f"<td>{h(a['status'])}</td><td>{h(a['runner'] or '')}</td>"
+        f"<td>{_profile_link(a)}</td></tr>"
+        for a in asked
+    ]
     return layout(
         "Profiles",
         "/profiles",
-        "<h1>Profiles</h1><p class=muted>Requests profiled on demand (sent with "
+        "<h1>Profiles</h1><h2>Whole processes (py-spy)</h2>"
+        + form
+        + _table("profile-requests", head, body)
+        + "<h2>Single requests</h2><p class=muted>Requests profiled on demand (sent with "
         "<code>X-Perfagent-Profile</code>); open one for its flame graph. Flame graphs of "
-        "slow requests are on each route's page; for a whole process use "
-        "<code>perfagent profile --pid PID</code>.</p>" + _requests_table(rows),
+        "slow requests are on each route's page.</p>" + _requests_table(rows),
+    )
+
+
+def _profile_link(asked: dict[str, Any]) -> str:
+    if asked["status"] == "done":
+        return f'<a href="/profiles/{asked["id"]}">flame graph</a>'
+    return h(asked.get("error") or "")
+
+
+def profile(found: dict[str, Any]) -> str:
+    return layout(
+        "Profile",
+        "/profiles",
+        f"<h1>Profile #{found['id']} <span class=muted>{found['seconds']} s by "
+        f"{h(found['runner'] or '')}, {_when(found['created'])}</span></h1>"
+        + flamegraph.svg(found["stacks"], label="py-spy profile"),
     )
 
 

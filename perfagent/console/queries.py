@@ -294,6 +294,29 @@ def profiled(store: Store, limit: int = 100) -> list[dict[str, Any]]:
     return [_span(r) for r in rows]
 
 
+def profile_requests(store: Store, limit: int = 50) -> list[dict[str, Any]]:
+    rows = store.query(
+        "SELECT id, created, seconds, service, status, runner, finished, error "
+        "FROM profile_requests ORDER BY id DESC LIMIT ?",
+        [limit],
+    )
+    return [{k: r[k] for k in r.keys()} for r in rows]  # noqa: SIM118 - sqlite3.Row
+
+
+def profile_request(store: Store, request_id: int) -> dict[str, Any] | None:
+    rows = store.query("SELECT * FROM profile_requests WHERE id = ?", [request_id])
+    if not rows:
+        return None
+    found = {k: rows[0][k] for k in rows[0].keys()}  # noqa: SIM118 - sqlite3.Row
+    stacks: dict[str, int] = {}
+    for line in (found.pop("stacks") or "").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            stacks[stack] = stacks.get(stack, 0) + int(count)
+    found["stacks"] = stacks
+    return found
+
+
 def requests(
     store: Store,
     *,

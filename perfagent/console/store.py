@@ -61,6 +61,18 @@ CREATE TABLE IF NOT EXISTS route_stacks (
     PRIMARY KEY (service, route, method, stack)
 );
 
+CREATE TABLE IF NOT EXISTS profile_requests (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    created REAL NOT NULL,
+    seconds INTEGER NOT NULL,
+    service TEXT,
+    status TEXT NOT NULL,
+    runner TEXT,
+    finished REAL,
+    stacks TEXT,
+    error TEXT
+);
+
 CREATE TABLE IF NOT EXISTS findings (
     key TEXT PRIMARY KEY,
     kind TEXT NOT NULL,
@@ -350,6 +362,43 @@ class Store:
                     "INSERT OR REPLACE INTO route_minutes VALUES (?,?,?,?,?,?,?,?,?)",
                     (*key, delta_count, delta_sum, json.dumps(p.bounds), json.dumps(delta_counts)),
                 )
+
+    # -- profiles asked for from the console ----------------------------------
+
+    def ask_profile(self, seconds: int, service: str | None) -> int:
+        with self._lock:
+            cursor = self._writer.execute(
+                "INSERT INTO profile_requests (created, seconds, service, status) "
+                "VALUES (?, ?, ?, 'pending')",
+                (time.time(), seconds, service),
+            )
+            return int(cursor.lastrowid)
+
+    def claim_profile(self, runner: str, service: str) -> tuple[int, int] | None:
+        """The oldest pending request for this service (or for any), now the runner's."""
+        with self._lock, self._writer:
+            self._writer.execute("BEGIN IMMEDIATE")
+            row = self._writer.execute(
+                "SELECT id, seconds FROM profile_requests WHERE status = 'pending' "
+                "AND (service IS NULL OR service = ?) ORDER BY id LIMIT 1",
+                (service,),
+            ).fetchone()
+            if row is None:
+                return None
+            self._writer.execute(
+                "UPDATE profile_requests SET status = 'running', runner = ? WHERE id = ?",
+                (runner, row[0]),
+            )
+            return int(row[0]), int(row[1])
+
+    def finish_profile(self, request_id: int, stacks: str | None, error: str | None) -> bool:
+        with self._lock:
+            cursor = self._writer.execute(
+                "UPDATE profile_requests SET status = ?, finished = ?, stacks = ?, error = ? "
+                "WHERE id = ? AND status = 'running'",
+                ("failed" if error else "done", time.time(), stacks, error, request_id),
+            )
+            return cursor.rowcount == 1
 
     # -- retention ----------------------------------------------------------
 
