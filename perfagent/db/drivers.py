@@ -81,26 +81,33 @@ def _timed_async(
     return method
 
 
+def _cursor_subclasses(capture: QueryCapture, system: str) -> Callable[[type], type]:
+    """For C cursor types (sqlite3, psycopg2): a timed subclass per base, made once."""
+    made: dict[type, type] = {}
+
+    def cursor_class(base: type) -> type:
+        cls = made.get(base)
+        if cls is None:
+            cls = made[base] = type(
+                base.__name__,
+                (base,),
+                {
+                    "execute": _timed(capture, system, base.execute),
+                    "executemany": _timed(capture, system, base.executemany, many=True),
+                    "__module__": base.__module__,
+                },
+            )
+        return cls
+
+    return cursor_class
+
+
 # -- sqlite3 ----------------------------------------------------------------
 
 
 def install_sqlite3(module: ModuleType, capture: QueryCapture, patches: list[Patch]) -> None:
     connections: dict[type, type] = {}
-    cursors: dict[type, type] = {}
-
-    def cursor_class(base: type) -> type:
-        cls = cursors.get(base)
-        if cls is None:
-            cls = cursors[base] = type(
-                base.__name__,
-                (base,),
-                {
-                    "execute": _timed(capture, "sqlite", base.execute),
-                    "executemany": _timed(capture, "sqlite", base.executemany, many=True),
-                    "__module__": base.__module__,
-                },
-            )
-        return cls
+    cursor_class = _cursor_subclasses(capture, "sqlite")
 
     def connection_class(base: type) -> type:
         cls = connections.get(base)
@@ -173,21 +180,7 @@ def install_psycopg(module: ModuleType, capture: QueryCapture, patches: list[Pat
 
 def install_psycopg2(module: ModuleType, capture: QueryCapture, patches: list[Patch]) -> None:
     extensions = importlib.import_module("psycopg2.extensions")
-    cursors: dict[type, type] = {}
-
-    def cursor_class(base: type) -> type:
-        cls = cursors.get(base)
-        if cls is None:
-            cls = cursors[base] = type(
-                base.__name__,
-                (base,),
-                {
-                    "execute": _timed(capture, "postgresql", base.execute),
-                    "executemany": _timed(capture, "postgresql", base.executemany, many=True),
-                    "__module__": base.__module__,
-                },
-            )
-        return cls
+    cursor_class = _cursor_subclasses(capture, "postgresql")
 
     original = module.connect
 
