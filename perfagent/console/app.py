@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
@@ -20,6 +20,7 @@ from perfagent.console import ingest, pages, queries
 from perfagent.console.store import Store
 
 RETENTION_EVERY_S = 30.0
+MAX_SQL_INT = 2**62
 
 
 @dataclass
@@ -28,8 +29,9 @@ class RequestFilter:
 
     service: str | None = None
     route: str | None = None
-    status: int | None = None
-    min_ms: float | None = None
+    # Bounded: SQLite integers are 64-bit, a larger one would be a 500, not a 422.
+    status: Annotated[int | None, Query(ge=0, le=999)] = None
+    min_ms: Annotated[float | None, Query(ge=0, le=1e12)] = None
     has_finding: bool | None = None
 
 
@@ -201,7 +203,7 @@ def create_app(store: Store, config: ConsoleConfig | None = None) -> FastAPI:
     def api_requests(
         filters: Annotated[RequestFilter, Depends()],
         limit: int = Query(50, ge=1, le=500),
-        offset: int = Query(0, ge=0),
+        offset: int = Query(0, ge=0, le=MAX_SQL_INT),
     ) -> list[dict[str, Any]]:
         return queries.requests(store, **asdict(filters), limit=limit, offset=offset)
 
@@ -231,7 +233,9 @@ def create_app(store: Store, config: ConsoleConfig | None = None) -> FastAPI:
         return JSONResponse({"id": claimed[0], "seconds": claimed[1]})
 
     @app.post("/api/profiles/{request_id}/result", include_in_schema=False)
-    async def api_profile_result(request_id: int, request: Request) -> Response:
+    async def api_profile_result(
+        request_id: Annotated[int, Path(ge=1, le=MAX_SQL_INT)], request: Request
+    ) -> Response:
         body = await _read_body(request, config.max_body_bytes)
         try:
             result = json.loads(body)
@@ -244,7 +248,7 @@ def create_app(store: Store, config: ConsoleConfig | None = None) -> FastAPI:
         return Response(status_code=204 if done else 404)
 
     @app.get("/profiles/{request_id}", response_class=HTMLResponse, include_in_schema=False)
-    def profile_page(request_id: int) -> str:
+    def profile_page(request_id: Annotated[int, Path(ge=1, le=MAX_SQL_INT)]) -> str:
         found = queries.profile_request(store, request_id)
         if found is None:
             raise HTTPException(404, "no such profile")
@@ -284,7 +288,7 @@ def create_app(store: Store, config: ConsoleConfig | None = None) -> FastAPI:
 
     @app.get("/requests", response_class=html, include_in_schema=False)
     def requests_page(
-        filters: Annotated[RequestFilter, Depends()], page: int = Query(1, ge=1)
+        filters: Annotated[RequestFilter, Depends()], page: int = Query(1, ge=1, le=1_000_000)
     ) -> str:
         rows = queries.requests(store, **asdict(filters), limit=50, offset=(page - 1) * 50)
         return pages.requests(rows, asdict(filters), page)

@@ -20,7 +20,13 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from perfagent.export.otlp import encode, encode_findings, encode_request_histogram, resource
+from perfagent.export.otlp import (
+    encode,
+    encode_findings,
+    encode_request_histogram,
+    resource,
+    slim_carrier,
+)
 from perfagent.record import RequestRecord
 
 MAX_QUEUED = 2048
@@ -123,6 +129,9 @@ class Exporter:
         if len(self._traces) >= MAX_QUEUED:
             self._dropped_spans.inc()
             return
+        record.trace_ids()  # read the incoming traceparent while the full headers are here
+        record.carrier = slim_carrier(record.carrier)
+        record.resolver = None
         self._traces.append(record)
 
     def submit_finding(self, kind: str, fields: dict[str, Any], record: Any) -> None:

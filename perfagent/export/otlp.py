@@ -68,6 +68,32 @@ def resource(service_name: str, environ: Mapping[str, str] | None = None) -> Res
     return Resource(attributes=attributes(items))
 
 
+_ASGI_KEYS = ("type", "headers", "path", "scheme", "http_version", "server", "client")
+_WSGI_KEYS = (
+    "SCRIPT_NAME",
+    "PATH_INFO",
+    "wsgi.url_scheme",
+    "SERVER_PROTOCOL",
+    "HTTP_HOST",
+    "SERVER_NAME",
+    "SERVER_PORT",
+    "REMOTE_ADDR",
+    "HTTP_USER_AGENT",
+)
+
+
+def slim_carrier(carrier: Any) -> dict[str, Any] | None:
+    """Only what a span needs from an ASGI scope or WSGI environ.
+
+    A queued record would otherwise keep the whole scope alive (the app, its
+    router, per-request exit stacks): measured ~6 MiB with the queue full.
+    """
+    if not isinstance(carrier, dict):
+        return None
+    keys = _ASGI_KEYS if "type" in carrier and "headers" in carrier else _WSGI_KEYS
+    return {key: carrier[key] for key in keys if key in carrier}
+
+
 def _request_attributes(record: RequestRecord) -> dict[str, Any]:
     carrier = record.carrier or {}
     out: dict[str, Any] = {
