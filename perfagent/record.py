@@ -61,6 +61,7 @@ class RequestRecord:
         "start",
         "status",
         "streaming",
+        "thread_wait",
     )
 
     def __init__(self, method: str, start: float, carrier: Any = None) -> None:
@@ -96,6 +97,8 @@ class RequestRecord:
         self.queries: list[Any] | None = None
         #: Seconds spent in those queries (for the ``db`` part of Server-Timing).
         self.db_time = 0.0
+        #: Seconds spent waiting for a thread of the sync-code pool; -1.0 if never used.
+        self.thread_wait = -1.0
         #: Findings of the detectors, as (event name, fields) pairs; None while there are none.
         self.findings: list[tuple[str, dict[str, Any]]] | None = None
         #: True once the request is to be exported as a trace.

@@ -195,6 +195,20 @@ def test_sync_endpoints_queueing_for_the_thread_pool_is_starvation_not_a_block(s
     assert event["holders"] == {"/sync-sleep": 40}
     assert event["duration_ms"] >= 100
     assert _events(server, BLOCKED)[before:] == []
+    # And each request's own wait for a thread is measured: 8 of the 48 waited.
+    time.sleep(1.5)  # workers merge their counts every second
+    waits = {
+        (s.name, s.labels.get("le")): s.value
+        for s in scrape(server.metrics_port)
+        if s.name.startswith("perfagent_thread_pool_wait_seconds")
+        and s.labels.get("http_route") == "/sync-sleep"
+    }
+    assert waits[("perfagent_thread_pool_wait_seconds_count", None)] >= 48
+    waited_long = (
+        waits[("perfagent_thread_pool_wait_seconds_count", None)]
+        - waits[("perfagent_thread_pool_wait_seconds_bucket", "0.1")]
+    )
+    assert waited_long >= 8, waits
 
 
 def _lag_over(server: Server, seconds: float) -> float:

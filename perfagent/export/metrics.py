@@ -91,12 +91,20 @@ class Metrics:
             ["http_route"],
             registry=registry,
         )
+        self.thread_pool_wait = Histogram(
+            "perfagent_thread_pool_wait_seconds",
+            "Time requests waited for a thread of the pool running sync endpoints.",
+            ["http_route"],
+            buckets=DB_BUCKETS,
+            registry=registry,
+        )
         self.stats = RequestStats(
             self.active_requests,
             [
                 Buffered(self.request_duration, DURATION_BUCKETS),
                 Buffered(self.request_db_queries, QUERY_COUNT_BUCKETS),
                 Buffered(self.db_duration, DB_BUCKETS),
+                Buffered(self.thread_pool_wait, DB_BUCKETS),
             ],
         )
         self._slow_children: dict[tuple[str, str], Any] = {}
@@ -112,6 +120,8 @@ class Metrics:
         stats.observe(0, (record.method, route, record.status), record.end - record.start)
         queries = record.queries
         stats.observe(1, (route,), len(queries) if queries else 0)
+        if record.thread_wait >= 0.0:
+            stats.observe(3, (route,), record.thread_wait)
         if queries:
             for query in queries:
                 stats.observe(2, (query.system, query.shape.operation), query.duration)

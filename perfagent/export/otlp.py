@@ -134,6 +134,8 @@ def _request_attributes(record: RequestRecord) -> dict[str, Any]:
         out["error.type"] = record.error_type
     elif record.status is not None and record.status >= 500:
         out["error.type"] = str(record.status)
+    if record.thread_wait >= 0.0:
+        out["perfagent.thread_pool_wait_ms"] = round(record.thread_wait * 1e3, 3)
     if record.streaming and record.first_byte is not None:
         out["perfagent.time_to_first_byte_ms"] = round((record.first_byte - record.start) * 1e3, 3)
     return out

@@ -12,6 +12,7 @@ from typing import Any
 
 from perfagent.agent import Agent
 from perfagent.db.drivers import INSTALLERS
+from perfagent.frameworks import threadpool
 from perfagent.frameworks.asgi import AsgiInstrumentation
 from perfagent.frameworks.wsgi import FlaskInstrumentation
 from perfagent.patching import PostImportHooks
@@ -22,6 +23,7 @@ class Instrumentations:
         self.agent = agent
         self.asgi = AsgiInstrumentation(agent)
         self.flask = FlaskInstrumentation(agent)
+        self._pool_hooked = False
 
     def _hooks(self, patches: dict[str, Any]) -> None:
         """Runs each patch when its module is imported (now, if it is), guarded."""
@@ -49,6 +51,13 @@ class Instrumentations:
                 "flask.app": lambda m: self.flask.patch_class(m.Flask),
             }
         )
+        self.thread_pool()
+
+    def thread_pool(self) -> None:
+        """Each request's wait for a pool thread (see threadpool.py); once per agent."""
+        if not self._pool_hooked:
+            self._pool_hooked = True
+            self._hooks({"anyio.to_thread": lambda m: threadpool.install(m, self.agent.patches)})
 
     def instrument_databases(self) -> None:
         """Query capture in every supported driver, imported now or later."""
@@ -65,6 +74,7 @@ class Instrumentations:
         self._hooks({name: installer(install) for name, install in INSTALLERS.items()})
 
     def instrument_app(self, app: Any) -> None:
+        self.thread_pool()
         kind = framework_of(app)
         if kind == "flask":
             self.flask.instrument_app(app)
