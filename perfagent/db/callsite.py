@@ -41,40 +41,75 @@ _BACKWARD_JUMPS = frozenset(
 
 
 def _library_roots() -> tuple[str, ...]:
+    """Folders whose files are not the application's: perfagent, the stdlib, packages."""
     roots = {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}  # perfagent itself
     paths = sysconfig.get_paths()
     for key in ("stdlib", "platstdlib", "purelib", "platlib"):
         if paths.get(key):
             roots.add(os.path.realpath(paths[key]))
+            roots.add(os.path.abspath(paths[key]))
     for entry in sys.path:
         if entry.endswith(("site-packages", "dist-packages")):
             roots.add(os.path.realpath(entry))
-    return tuple(sorted(roots, key=len, reverse=True))
+            roots.add(os.path.abspath(entry))
+    return tuple(sorted((root + os.sep for root in roots), key=len, reverse=True))
 
 
 class AppFrames:
+    """The one place that tells the app's own code from the rest (db capture, sampler, watchdog)."""
+
     def __init__(self) -> None:
         self._roots = _library_roots()
         self._agent_root = os.path.dirname(os.path.abspath(__file__)).rsplit(os.sep, 1)[0] + os.sep
         self._kind: dict[CodeType, int] = {}
+        self._files: dict[str, bool] = {}
         self._loops: dict[CodeType, tuple[tuple[int, int], ...]] = {}
         self._cwd = os.getcwd()
 
-    def _classify(self, code: CodeType) -> int:
-        filename = code.co_filename
+    def _app_path(self, filename: str) -> bool:
         if filename.startswith("<") and filename != "<stdin>":
-            kind = _LIBRARY  # <frozen importlib>, <string>, ...
-        else:
-            path = os.path.realpath(filename)
-            kind = _LIBRARY if path.startswith(self._roots) else _APP
-            if (
-                kind == _LIBRARY
-                and code.co_name == "_load_for_state"
-                and path.endswith(os.path.join("sqlalchemy", "orm", "strategies.py"))
-            ):
-                kind = _LAZY_LOAD
+            return False  # <frozen importlib>, <string>, ...
+        parts = filename.replace("\\", "/").split("/")
+        if "site-packages" in parts or "dist-packages" in parts:
+            return False
+        path = os.path.abspath(filename)
+        return not (path.startswith(self._roots) or os.path.realpath(path).startswith(self._roots))
+
+    def _classify(self, code: CodeType) -> int:
+        kind = _APP if self._app_path(code.co_filename) else _LIBRARY
+        if (
+            kind == _LIBRARY
+            and code.co_name == "_load_for_state"
+            and code.co_filename.endswith(os.path.join("sqlalchemy", "orm", "strategies.py"))
+        ):
+            kind = _LAZY_LOAD
         self._kind[code] = kind
         return kind
+
+    def is_app_file(self, filename: str) -> bool:
+        """Same answer as for code objects, for places that only kept the file name."""
+        known = self._files.get(filename)
+        if known is None:
+            if len(self._files) > 4096:
+                self._files.clear()
+            known = self._files[filename] = self._app_path(filename)
+        return known
+
+    def is_agent_file(self, filename: str) -> bool:
+        return os.path.abspath(filename).startswith(self._agent_root)
+
+    def show(self, filename: str) -> str:
+        """Relative to the working directory, or to a library's import root
+        (``starlette/routing.py``); as given otherwise."""
+        if filename.startswith("<"):
+            return filename
+        path = os.path.abspath(filename)
+        if path.startswith(self._cwd + os.sep):
+            return path[len(self._cwd) + 1 :]
+        for root in self._roots:
+            if path.startswith(root) and not root.startswith(self._agent_root):
+                return path[len(root) :]
+        return filename
 
     def capture(self, frame: FrameType | None) -> tuple[tuple[Site, ...], str | None]:
         """The innermost app frames from ``frame`` outwards, and a lazy-load hint.
@@ -146,7 +181,7 @@ class AppFrames:
         return kind == _APP
 
     def is_agent(self, code: CodeType) -> bool:
-        return code.co_filename.startswith(self._agent_root)
+        return self.is_agent_file(code.co_filename)
 
     def in_loop(self, code: CodeType, offset: int) -> bool:
         loops = self._loops.get(code)
@@ -167,12 +202,7 @@ class AppFrames:
             return None
         last = sites[-1]
         chosen = last if self.in_loop(last[0], last[1]) else sites[0]
-        return f"{self.relative(chosen[0].co_filename)}:{chosen[2]}"
-
-    def relative(self, filename: str) -> str:
-        if filename.startswith(self._cwd + os.sep):
-            return filename[len(self._cwd) + 1 :]
-        return filename
+        return f"{self.show(chosen[0].co_filename)}:{chosen[2]}"
 
 
 def _loop_ranges(code: CodeType) -> tuple[tuple[int, int], ...]:

@@ -45,9 +45,7 @@ request's record lives, so attaching them never races the end of a request.
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
-import sysconfig
 import threading
 from bisect import bisect_left
 from collections import Counter, deque
@@ -80,73 +78,6 @@ class _Stall:
         self.records: dict[Any, tuple[Any, str | None]] = {}
 
 
-class FrameFilter:
-    """Tells the application's own files from perfagent, the stdlib and installed packages."""
-
-    def __init__(self) -> None:
-        import perfagent
-
-        roots = {os.path.dirname(os.path.abspath(perfagent.__file__)) + os.sep}
-        paths = sysconfig.get_paths()
-        for key in ("stdlib", "platstdlib"):
-            if paths.get(key):
-                roots.add(os.path.realpath(paths[key]) + os.sep)
-                roots.add(os.path.abspath(paths[key]) + os.sep)
-        self._roots = tuple(roots)
-        # Library files are shown from their import root: "starlette/routing.py".
-        shown = set(roots)
-        for key in ("purelib", "platlib"):
-            if paths.get(key):
-                shown.add(os.path.abspath(paths[key]) + os.sep)
-        for entry in sys.path:
-            if entry.endswith(("site-packages", "dist-packages")):
-                shown.add(os.path.abspath(entry) + os.sep)
-        shown.discard(os.path.dirname(os.path.abspath(perfagent.__file__)) + os.sep)
-        self._shown = tuple(sorted(shown, key=len, reverse=True))
-        self._agent_root = os.path.dirname(os.path.abspath(perfagent.__file__)) + os.sep
-        self._cwd = os.getcwd() + os.sep
-        self._app: dict[str, bool] = {}
-        self._agent: dict[str, bool] = {}
-
-    def is_app(self, filename: str) -> bool:
-        known = self._app.get(filename)
-        if known is None:
-            if len(self._app) > 4096:
-                self._app.clear()
-            known = self._app[filename] = self._classify(filename)
-        return known
-
-    def is_agent(self, filename: str) -> bool:
-        known = self._agent.get(filename)
-        if known is None:
-            if len(self._agent) > 4096:
-                self._agent.clear()
-            known = os.path.abspath(filename).startswith(self._agent_root)
-            self._agent[filename] = known
-        return known
-
-    def _classify(self, filename: str) -> bool:
-        if filename.startswith("<"):
-            return False  # <frozen ...>, <string>
-        parts = filename.replace("\\", "/").split("/")
-        if "site-packages" in parts or "dist-packages" in parts:
-            return False
-        path = os.path.abspath(filename)
-        return not (path.startswith(self._roots) or os.path.realpath(path).startswith(self._roots))
-
-    def show(self, filename: str) -> str:
-        """The path relative to the working directory, or to the library's import root."""
-        if filename.startswith("<"):
-            return filename
-        path = os.path.abspath(filename)
-        if path.startswith(self._cwd):
-            return path[len(self._cwd) :]
-        for root in self._shown:
-            if path.startswith(root):
-                return path[len(root) :]
-        return filename
-
-
 class LoopWatchdog:
     """Heartbeat on ``loop`` plus the monitor thread; ``start()`` on the loop's thread."""
 
@@ -164,7 +95,7 @@ class LoopWatchdog:
         self.sample_after = self.threshold / 4.0
         #: A monitor wake-up later than this is time the monitor did not run.
         self.oversleep = max(self.threshold / 4.0, 0.005)
-        self.frames = FrameFilter()
+        self.frames = agent.capture.frames  # the agent's one app/library classifier
         self._adapter_code: CodeType = PerfagentASGI.__call__.__code__
         self._loop_thread = threading.get_ident()
         self._running = False
@@ -454,12 +385,12 @@ class LoopWatchdog:
         """The innermost app frame; else the innermost frame that is not the agent's."""
         frames = self.frames
         for filename, line, _ in stack:
-            if frames.is_app(filename):
+            if frames.is_app_file(filename):
                 return f"{frames.show(filename)}:{line}"
         if app_only:
             return None
         for filename, line, _ in stack:
-            if not frames.is_agent(filename):
+            if not frames.is_agent_file(filename):
                 return f"{frames.show(filename)}:{line}"
         return None
 
@@ -468,7 +399,7 @@ class LoopWatchdog:
         lines = [
             f"{frames.show(filename)}:{line} {name}"
             for filename, line, name in stack[:MAX_STACK_LINES]
-            if not frames.is_agent(filename)
+            if not frames.is_agent_file(filename)
         ]
         lines.reverse()  # innermost last, as in a traceback
         return lines

@@ -110,14 +110,14 @@ class StackSampler:
             code, line = frame[0], frame[1]
             label = self._labels.get(code)
             if label is None:
-                label = f"{code.co_name} ({frames_of.relative(code.co_filename)})"
+                label = f"{code.co_name} ({frames_of.show(code.co_filename)})"
                 if len(self._labels) < 50_000:
                     self._labels[code] = label
             if frames_of.is_agent(code):
                 continue
             parts.append(label)
             if frames_of.is_app(code):
-                app_line = f"{frames_of.relative(code.co_filename)}:{line}"
+                app_line = f"{frames_of.show(code.co_filename)}:{line}"
         if not parts:
             return
         key = (";".join(parts), app_line)
