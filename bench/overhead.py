@@ -7,9 +7,9 @@ Each app is served once per configuration, all at the same time, each server
 pinned to core 0 and the load generator (wrk) to core 1. Rounds alternate the
 configurations so a noisy neighbour hurts them all alike. Figures are medians
 over rounds; "ratio" is throughput against the bare app in the same run.
-Also measured: start-up time added to importing the app, and resident memory
-after the run (and, with --memory, after 100,000 and 1,000,000 requests over
-10,000 distinct raw paths).
+Also measured: start-up time added to importing the app, and memory (RSS and
+PSS of the app's processes) after the run (and, with --memory, after 100,000
+and 1,000,000 requests over 10,000 distinct raw paths).
 """
 
 from __future__ import annotations
@@ -79,7 +79,14 @@ class Server:
         raise SystemExit(f"{self.config} server not ready after {timeout}s")
 
 
-def start(app: str, config: str, env: dict[str, str], console_url: str, sink_url: str) -> Server:
+def start(
+    app: str,
+    config: str,
+    env: dict[str, str],
+    console_url: str,
+    sink_url: str,
+    settings: dict[str, str] | None = None,
+) -> Server:
     port = free_port()
     argv = server_argv(app, port)
     env = dict(env)
@@ -95,6 +102,7 @@ def start(app: str, config: str, env: dict[str, str], console_url: str, sink_url
     elif config == "instrumentator":
         env["BENCH_INSTRUMENTATOR"] = "1"
     elif config == "perfagent":
+        env.update(settings or {})
         argv = [
             sys.executable,
             "-m",
@@ -140,15 +148,24 @@ def wrk(port: int, path: str, seconds: int, connections: int, script: str | None
     return rps, latency.get("50", float("nan")), latency.get("99", float("nan")), total
 
 
-def tree_rss_kib(pid: int) -> dict[int, int]:
-    """pid -> resident KiB for a process and all its descendants."""
-    out: dict[int, int] = {}
+def tree_memory_kib(pid: int) -> dict[int, tuple[int, int]]:
+    """pid -> (resident KiB, proportional KiB) for a process and all its descendants.
+
+    RSS counts a page shared by a pre-fork server's master and workers once in
+    each of them; PSS splits it among them, so the sum over the tree is what
+    the server really holds.
+    """
+    out: dict[int, tuple[int, int]] = {}
     todo = [pid]
     while todo:
         current = todo.pop()
         try:
             status = Path(f"/proc/{current}/status").read_text()
-            out[current] = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
+            rollup = Path(f"/proc/{current}/smaps_rollup").read_text()
+            out[current] = (
+                int(re.search(r"VmRSS:\s+(\d+)", status).group(1)),
+                int(re.search(r"^Pss:\s+(\d+)", rollup, re.M).group(1)),
+            )
             for task in Path(f"/proc/{current}/task").iterdir():
                 children = (task / "children").read_text().split()
                 todo.extend(int(c) for c in children)
@@ -157,14 +174,14 @@ def tree_rss_kib(pid: int) -> dict[int, int]:
     return out
 
 
-def app_rss_mib(server: Server) -> tuple[float, float]:
-    """(resident MiB of the app's processes, of perfagent's runner) for one server."""
-    tree = tree_rss_kib(server.proc.pid)
+def app_memory_mib(server: Server) -> tuple[float, float, float]:
+    """(RSS, PSS of the app's processes, PSS of perfagent's runner) in MiB, for one server."""
+    tree = tree_memory_kib(server.proc.pid)
     taskset_or_runner = server.proc.pid  # taskset execs, so this pid is the first real process
-    runner = tree.pop(taskset_or_runner, 0) if server.config == "perfagent" else 0
-    if server.config != "perfagent":
-        return sum(tree.values()) / 1024, 0.0
-    return sum(tree.values()) / 1024, runner / 1024
+    runner = tree.pop(taskset_or_runner, (0, 0)) if server.config == "perfagent" else (0, 0)
+    rss = sum(r for r, _ in tree.values()) / 1024
+    pss = sum(p for _, p in tree.values()) / 1024
+    return rss, pss, runner[1] / 1024
 
 
 def startup_ms(app_module: str, config: str, env: dict[str, str], runs: int = 7) -> float:
@@ -204,14 +221,14 @@ def memory_run(app: str, servers: list[Server], targets: list[int], connections:
         '  return wrk.format("GET", "/items/" .. math.random(1, 10000))\n'
         "end\n"
     )
-    print(f"\nmemory, {app}: resident MiB after N requests over 10,000 distinct paths")
+    print(f"\nmemory, {app}: PSS MiB after N requests over 10,000 distinct paths")
     for server in servers:
         done, row = 0, []
         for target in targets:
             while done < target:
                 *_, total = wrk(server.port, "/", 10, connections, str(script))
                 done += total
-            row.append(f"{done:>9,} req: {app_rss_mib(server)[0]:6.1f}")
+            row.append(f"{done:>9,} req: {app_memory_mib(server)[1]:6.1f}")
         print(f"  {server.config:<26}" + "   ".join(row))
 
 
@@ -225,7 +242,16 @@ def main() -> int:
     parser.add_argument(
         "--memory", action="store_true", help="also 100k and 1M requests on 10k paths"
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a PERFAGENT_ setting for the perfagent configuration (to see what a feature costs)",
+    )
+    parser.add_argument("--no-startup", action="store_true", help="skip the start-up timing")
     args = parser.parse_args()
+    settings = dict(item.split("=", 1) for item in args.set)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the finally blocks still run
     for tool in ("wrk", "taskset"):
         if shutil.which(tool) is None:
@@ -248,7 +274,7 @@ def main() -> int:
         for app in args.apps:
             _, path, family = APPS[app]
             configs = [c for c in args.configs if c != "instrumentator" or family == "fastapi"]
-            servers = [start(app, c, env, console_url, sink_url) for c in configs]
+            servers = [start(app, c, env, console_url, sink_url, settings) for c in configs]
             try:
                 for server in servers:
                     server.wait_ready(path)
@@ -274,6 +300,8 @@ def main() -> int:
             finally:
                 for server in servers:
                     stop(server)
+        if args.no_startup:
+            return 0
         module = {"fastapi": "bench_fastapi", "flask": "bench_flask", "fasthtml": "bench_fasthtml"}
         print("\nstart-up: median ms to start Python, import the app and exit")
         for family in sorted({APPS[a][2] for a in args.apps}):
@@ -291,17 +319,17 @@ def main() -> int:
 def report(app: str, servers: list[Server]) -> None:
     bare = statistics.median(r[0] for r in servers[0].runs)
     print(f"\n{app} ({len(servers[0].runs)} rounds)")
-    header = f"{'req/s':>9}{'ratio':>8}{'p50 ms':>9}{'p99 ms':>9}{'RSS MiB':>9}"
+    header = f"{'req/s':>9}{'ratio':>8}{'p50 ms':>9}{'p99 ms':>9}{'RSS MiB':>9}{'PSS MiB':>9}"
     print(f"  {'configuration':<26}{header}")
     for server in servers:
         rps = statistics.median(r[0] for r in server.runs)
         p50 = statistics.median(r[1] for r in server.runs)
         p99 = statistics.median(r[2] for r in server.runs)
-        rss, runner = app_rss_mib(server)
-        extra = f"  (+ runner {runner:.1f})" if runner else ""
+        rss, pss, runner = app_memory_mib(server)
+        extra = f"  (+ runner PSS {runner:.1f})" if runner else ""
         print(
             f"  {server.config:<26}{rps:>9.0f}{rps / bare:>8.2f}{p50:>9.2f}{p99:>9.2f}"
-            f"{rss:>9.1f}{extra}"
+            f"{rss:>9.1f}{pss:>9.1f}{extra}"
         )
     sys.stdout.flush()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -204,3 +205,26 @@ def test_postgresql_drivers(app, path):
     assert event["event"] == "n_plus_one" and event["count"] == 8
     assert event["db_system"] == "postgresql"
     assert event["callsite"] == mark(path.removeprefix("/pg/")), event
+
+
+def test_readable_log_line_by_default(tmp_path):
+    """Without ``--log-format json`` the finding is one readable ``key=value`` line."""
+    port = free_port()
+    argv = [*PERFAGENT, "run", "--no-console", "--metrics-port", "0"]
+    argv += ["--", "uvicorn", "db_app:app", "--port", str(port)]
+    env = clean_env(DB_PATH=str(tmp_path / "app.sqlite"), PG_DSN="")
+    server = Server(argv, port, env)
+    try:
+        server.wait_listening()
+        get(server, "/raw/nplusone")
+        pattern = re.compile(
+            r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z \[warning\s*\] n_plus_one\s+\[perfagent\] "
+            r".*callsite=(\S+) count=10 .*route=/raw/nplusone .*trace_id=([0-9a-f]{32})$"
+        )
+        deadline = time.monotonic() + 5.0
+        while not (found := [m for m in map(pattern.match, server.output().splitlines()) if m]):
+            assert time.monotonic() < deadline, server.output()[-2000:]
+            time.sleep(0.1)
+        assert found[0].group(1) == mark("raw")
+    finally:
+        server.stop()

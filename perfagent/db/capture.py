@@ -1,50 +1,43 @@
 """The one entry point every driver hook calls after a query ran.
 
 A query outside any request (start-up, a background job) is not charged to
-anything and costs one context-variable read. Inside a request it becomes one
-``Query`` in the request's record: the shape (cached by statement text), the
+anything and costs its hook one context-variable read. Inside a request it
+becomes one ``Query`` in the request's record: the shape (cached by statement text), the
 timing, the parameters (kept only until the request ends, to tell duplicates
 from N+1s) and the few app frames it came from.
 """
 
 from __future__ import annotations
 
-from types import CodeType
-from typing import Any
+from types import FrameType
+from typing import Any, NamedTuple
 
-from perfagent.db.callsite import AppFrames
+from perfagent.db.callsite import AppFrames, Site
 from perfagent.db.fingerprint import Fingerprints, Shape
-from perfagent.record import current
+from perfagent.record import RequestRecord
 
 
-class Query:
-    __slots__ = ("duration", "lazy", "many", "params", "shape", "sites", "sql", "start", "system")
+class Query(NamedTuple):
+    """One query of a request. Made with ``tuple.__new__`` on the query path
+    (0.16 µs, against 0.24 µs for a slotted class and 0.30 µs for the
+    NamedTuple's own constructor): it is made once per query of every request."""
 
-    def __init__(
-        self,
-        system: str,
-        sql: str,
-        shape: Shape,
-        params: Any,
-        start: float,
-        duration: float,
-        many: int,
-        sites: tuple[tuple[CodeType, int, int], ...],
-        lazy: str | None,
-    ) -> None:
-        self.system = system
-        #: The statement as sent (literals and all): kept only until the request ends,
-        #: to tell a repeated identical query from one per item; never exported.
-        self.sql = sql
-        self.shape = shape
-        self.params = params
-        self.start = start
-        self.duration = duration
-        #: Rows of an executemany (0 for a single execute).
-        self.many = many
-        self.sites = sites
-        #: 'Post.comments' when SQLAlchemy lazy-loaded it.
-        self.lazy = lazy
+    system: str
+    #: The statement as sent (literals and all): kept only until the request ends,
+    #: to tell a repeated identical query from one per item; never exported.
+    sql: str
+    shape: Shape
+    params: Any
+    start: float
+    duration: float
+    #: Rows of an executemany (0 for a single execute).
+    many: int
+    sites: tuple[Site, ...]
+    #: 'Post.comments' when SQLAlchemy lazy-loaded it.
+    lazy: str | None
+
+
+_new = tuple.__new__
 
 
 class QueryCapture:
@@ -53,34 +46,31 @@ class QueryCapture:
     def __init__(self, on_error: Any) -> None:
         self.fingerprints = Fingerprints()
         self.frames = AppFrames()
+        self._shapes = self.fingerprints.cache
         self._on_error = on_error
 
     def add(
         self,
+        record: RequestRecord,
         system: str,
         sql: Any,
         params: Any,
         start: float,
         end: float,
-        caller: Any,
+        caller: FrameType | None,
         many: int = 0,
-        record: Any = None,
     ) -> None:
-        """Charges a finished query to the running request, if there is one. Never raises.
+        """Charges a finished query to ``record``, a running request. Never raises.
 
-        Hooks that already read the record pass it, saving a second lookup.
+        The hooks read the record themselves (a query outside a request costs
+        them one context-variable read and nothing here).
         """
-        if record is None:
-            record = current.get()
-            if record is None or record.done:
-                return
         try:
             if sql.__class__ is not str:
                 sql = sql.decode() if isinstance(sql, bytes) else str(sql)
+            shape = self._shapes.get(sql) or self.fingerprints(sql)
             sites, lazy = self.frames.capture(caller)
-            query = Query(
-                system, sql, self.fingerprints(sql), params, start, end - start, many, sites, lazy
-            )
+            query = _new(Query, (system, sql, shape, params, start, end - start, many, sites, lazy))
             queries = record.queries
             if queries is None:
                 record.queries = [query]

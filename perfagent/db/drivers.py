@@ -32,6 +32,8 @@ from perfagent.db.capture import QueryCapture
 from perfagent.patching import Patch
 from perfagent.record import current
 
+_frame = sys._getframe
+
 
 def _size(rows: Any) -> int:
     try:
@@ -56,7 +58,7 @@ def _timed(capture: QueryCapture, system: str, original: Callable, many: bool = 
             if sql.__class__ is not str and hasattr(sql, "as_string"):
                 sql = sql.as_string(self)  # psycopg's sql.Composed
             count = _size(params) if many else 0
-            capture.add(system, sql, params, start, end, sys._getframe(1), count, record)
+            capture.add(record, system, sql, params, start, end, sys._getframe(1), count)
 
     return method
 
@@ -76,7 +78,7 @@ def _timed_async(
         finally:
             sql, params = text(self, args)
             count = _size(params) if many else 0
-            capture.add(system, sql, params, start, perf_counter(), sys._getframe(1), count)
+            capture.add(record, system, sql, params, start, perf_counter(), sys._getframe(1), count)
 
     return method
 
@@ -105,9 +107,37 @@ def _cursor_subclasses(capture: QueryCapture, system: str) -> Callable[[type], t
 # -- sqlite3 ----------------------------------------------------------------
 
 
+def _on_new_cursor(
+    capture: QueryCapture,
+    make_cursor: Callable,
+    cursor_class: type,
+    run: Callable,
+    many: bool = False,
+) -> Any:
+    """``Connection.execute``/``executemany``: run on a new cursor of ours, timed here."""
+    add = capture.add
+
+    def method(self: Any, sql: Any, *args: Any) -> Any:
+        cursor = make_cursor(self, cursor_class)
+        record = current.get()
+        if record is None or record.done:
+            return run(cursor, sql, *args)
+        start = perf_counter()
+        try:
+            return run(cursor, sql, *args)
+        finally:
+            end = perf_counter()
+            params = args[0] if args else ()  # as sqlite3's own default
+            add(record, "sqlite", sql, params, start, end, _frame(1), _size(params) if many else 0)
+
+    return method
+
+
 def install_sqlite3(module: ModuleType, capture: QueryCapture, patches: list[Patch]) -> None:
     connections: dict[type, type] = {}
     cursor_class = _cursor_subclasses(capture, "sqlite")
+    cursor_execute = module.Cursor.execute  # the C methods, called on our cursor subclass
+    cursor_executemany = module.Cursor.executemany
 
     def connection_class(base: type) -> type:
         cls = connections.get(base)
@@ -121,12 +151,15 @@ def install_sqlite3(module: ModuleType, capture: QueryCapture, patches: list[Pat
                         return plain_cursor(self, default_cursor)
                     return plain_cursor(self, cursor_class(factory))
 
-                # The C implementations make a plain cursor; go through ours.
-                def execute(self, sql: str, parameters: Any = ()) -> Any:
-                    return plain_cursor(self, default_cursor).execute(sql, parameters)
-
-                def executemany(self, sql: str, parameters: Any) -> Any:
-                    return plain_cursor(self, default_cursor).executemany(sql, parameters)
+                # The C ``Connection.execute`` makes a plain cursor: make ours (so what
+                # the app runs on it later is seen too), and time this statement here
+                # rather than through the cursor's wrapper: one Python frame less per
+                # query (with the call-site cache and the tuple per query, measured on
+                # a loop of indexed SELECTs: 2.35 -> 1.45 µs added per query).
+                execute = _on_new_cursor(capture, plain_cursor, default_cursor, cursor_execute)
+                executemany = _on_new_cursor(
+                    capture, plain_cursor, default_cursor, cursor_executemany, many=True
+                )
 
             Connection.__module__ = base.__module__
             Connection.__qualname__ = Connection.__name__ = base.__name__
@@ -283,7 +316,7 @@ class _ApswHook:
             return
         end = perf_counter()
         start = self._started.pop(key, end - event["nanoseconds"] / 1e9)
-        self._capture.add("sqlite", event["sql"], None, start, end, sys._getframe(1))
+        self._capture.add(record, "sqlite", event["sql"], None, start, end, sys._getframe(1))
 
     def undo(self) -> None:
         try:

@@ -64,13 +64,14 @@ class Fingerprints:
     """Statement text -> Shape, cached."""
 
     def __init__(self) -> None:
-        self._cache: dict[str, Shape] = {}
+        #: Read directly by the query hooks (a dict lookup, no call) before calling.
+        self.cache: dict[str, Shape] = {}
 
     def __call__(self, sql: str) -> Shape:
-        shape = self._cache.get(sql)
+        shape = self.cache.get(sql)
         if shape is None:
             shape = _normalize(sql)
-            if len(self._cache) >= _CACHE_MAX:
-                self._cache.clear()  # literals inlined by the app: start again, stay bounded
-            self._cache[sql] = shape
+            if len(self.cache) >= _CACHE_MAX:
+                self.cache.clear()  # literals inlined by the app: start again, stay bounded
+            self.cache[sql] = shape
         return shape

@@ -60,7 +60,11 @@ class NPlusOneDetector:
         same_each_time = bool(known) and len(known) == len(group) and distinct == 1
         kind = "duplicate_query" if same_each_time else "n_plus_one"
         route = record.route or ""
-        lazy = next((q.lazy for q in group if q.lazy), None)
+        lazy = None
+        for query in group:
+            if query.lazy:
+                lazy = query.lazy
+                break
         fields: dict[str, Any] = {
             "route": route,
             "method": record.method,

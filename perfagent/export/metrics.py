@@ -123,8 +123,7 @@ class Metrics:
         if record.thread_wait >= 0.0:
             stats.observe(3, (route,), record.thread_wait)
         if queries:
-            for query in queries:
-                stats.observe(2, (query.system, query.shape.operation), query.duration)
+            stats.observe_queries(2, queries)
 
     def count_slow(self, record: RequestRecord) -> None:
         key = (record.method, record.route or "")
