@@ -70,7 +70,11 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise SystemExit(f"{self.config} server exited with {self.proc.returncode}")
+                tail = self.log.read_text(errors="replace")[-2000:]
+                raise SystemExit(
+                    f"{self.config} server exited with {self.proc.returncode}:\n{tail}\n"
+                    'are the benchmark\'s extras installed? pip install -e ".[bench]"'
+                )
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2):
                     return
@@ -209,8 +213,11 @@ def stop(server: Server) -> None:
     try:
         os.killpg(server.proc.pid, signal.SIGTERM)
         server.proc.wait(15)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
+    except ProcessLookupError:
+        pass  # it had exited already
+    except subprocess.TimeoutExpired:
         os.killpg(server.proc.pid, signal.SIGKILL)
+        server.proc.wait()
 
 
 def memory_run(app: str, servers: list[Server], targets: list[int], connections: int) -> None:

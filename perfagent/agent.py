@@ -16,6 +16,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from perfagent.background import AgentThread
+from perfagent.bootstrap import RUNNER_ENV
 from perfagent.config import Settings
 from perfagent.db.capture import QueryCapture
 from perfagent.detectors.nplusone import NPlusOneDetector
@@ -32,8 +33,6 @@ from perfagent.tracecontext import Sampler
 REPEAT_EVERY_S = 10.0
 _THROTTLED = frozenset(("n_plus_one", "duplicate_query"))
 
-#: Set by ``perfagent run`` in the server's environment: the runner serves /metrics.
-RUNNER_ENV = "PERFAGENT_RUNNER"
 
 Step = Callable[[RequestRecord], None]
 

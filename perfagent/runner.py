@@ -24,8 +24,7 @@ import urllib.request
 from typing import Any
 from urllib.parse import urlsplit
 
-from perfagent.agent import RUNNER_ENV
-from perfagent.bootstrap import SITE_DIR
+from perfagent.bootstrap import RUNNER_ENV, SITE_DIR
 from perfagent.config import Settings, settings_to_environ
 from perfagent.profiling.on_demand import ProfileRequests
 

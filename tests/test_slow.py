@@ -162,7 +162,9 @@ def test_timed_and_span_become_child_spans(stack):
     assert set(children) == {"load", "render"}
     server = next(s for s in trace["spans"] if s["kind"] == 2)
     assert all(c["parent_span_id"] == server["span_id"] for c in children.values())
-    assert children["load"]["duration_ms"] >= 10 and children["render"]["duration_ms"] >= 5
+    # asyncio.sleep(0.01) may end a little early (the loop runs timers due within
+    # its clock resolution, and epoll waits in whole ms); time.sleep never does.
+    assert children["load"]["duration_ms"] >= 9 and children["render"]["duration_ms"] >= 5
 
 
 def test_perfagent_profile_writes_svg_and_speedscope(servers, tmp_path):

@@ -10,6 +10,10 @@ import os
 import sys
 
 SITE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "site")
+#: Set by ``perfagent run`` in the server's environment: the runner serves /metrics.
+#: Here, not in ``agent``, so the runner does not import the agent (protobuf,
+#: OpenTelemetry, structlog): measured, its process went from 37.5 to 25 MiB RSS (PSS 26 to 18).
+RUNNER_ENV = "PERFAGENT_RUNNER"
 
 
 def autostart() -> None:
