@@ -160,3 +160,47 @@ def test_a_dead_collector_costs_the_app_nothing_but_the_dropped_counter(servers)
     # Everything not sent is counted; the queue holds at most 2048 records.
     assert dropped["spans"] >= 3000 - 2048, dropped
     assert took < 60, f"3000 requests took {took:.1f}s with the collector down"
+
+
+def test_each_query_is_a_client_span_of_the_request(servers, receiver, tmp_path):
+    """sqlite3 through ``Connection.execute``/``executemany``: one CLIENT span per
+    statement under the server span, the SQL as its fingerprint, the batch size."""
+    server, _ = _start(
+        servers,
+        receiver,
+        ["uvicorn", "db_app:app", "--port", "{port}"],
+        sample="1",
+        DB_PATH=str(tmp_path / "app.sqlite"),
+        PG_DSN="",
+    )
+    assert server.get("/raw/nplusone").status_code == 200
+    assert server.get("/raw/executemany").status_code == 200
+    spans = receiver.wait_for(2 + 11 + 2)
+    by_trace: dict[str, list[dict]] = {}
+    for span in spans:
+        by_trace.setdefault(span["trace_id"], []).append(span)
+    traces = {
+        next(s["name"] for s in trace if s["kind"] == Span.SPAN_KIND_SERVER): trace
+        for trace in by_trace.values()
+    }
+    assert set(traces) == {"GET /raw/nplusone", "GET /raw/executemany"}
+
+    for name, trace in traces.items():
+        (root,) = [s for s in trace if s["kind"] == Span.SPAN_KIND_SERVER]
+        queries = [s for s in trace if s["kind"] == Span.SPAN_KIND_CLIENT]
+        assert all(q["parent_span_id"] == root["span_id"] for q in queries)
+        assert all(root["start"] <= q["start"] <= q["end"] <= root["end"] for q in queries)
+        assert all(q["attributes"]["db.system.name"] == "sqlite" for q in queries)
+        texts = [q["attributes"]["db.query.text"] for q in queries]
+        if name == "GET /raw/nplusone":
+            assert (
+                texts
+                == ["SELECT id FROM post"] + ["SELECT count(*) FROM comment WHERE post_id=?"] * 10
+            )
+            assert {q["name"] for q in queries} == {"SELECT"}
+            assert "n_plus_one" in root["events"]
+        else:
+            assert [q["name"] for q in queries] == ["CREATE", "INSERT"]
+            insert = queries[1]
+            assert insert["attributes"]["db.query.text"] == "INSERT INTO scratch VALUES(...)"
+            assert insert["attributes"]["db.operation.batch.size"] == 1000
