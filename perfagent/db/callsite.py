@@ -4,6 +4,12 @@ A frame is the application's when its file is outside the standard library,
 outside site-/dist-packages and outside perfagent; the answer is cached per
 code object, so walking a stack costs a dict lookup per frame.
 
+Every cache here is keyed by ``id(code)``, never by the code object: hashing a
+code object hashes its bytecode, names and constants (nested code objects
+included) on every lookup, 0.26 µs for a small view and 2.9 µs for FastAPI's
+request handler, measured here, against 0.14 µs for its id. Each entry holds
+its code object, so the id cannot be reused while the entry lives.
+
 At query time the few innermost application frames are captured as
 (code, instruction offset, line). The line reported for a repeated query is
 the innermost of them that sits inside a loop (a ``for``/``while`` body or a
@@ -28,11 +34,14 @@ from types import CodeType, FrameType
 from typing import Any
 
 Site = tuple[CodeType, int, int]  # code, instruction offset, line
+#: id(code) -> (code, what is known of it): the code is held so its id stays its own.
+ByCode = dict[int, tuple[CodeType, Any]]
 
 #: App frames of the code that handed a query to another thread (aiosqlite runs
 #: sqlite3 on a thread of its own): used when that thread's stack has none.
 origin: ContextVar[tuple[Site, ...] | None] = ContextVar("perfagent.db_origin", default=None)
 MAX_FRAMES = 4
+_CODES_MAX = 16_384  # code objects remembered per cache
 _LIBRARY_BUDGET = 8
 _APP, _LIBRARY, _LAZY_LOAD = 1, 0, 2
 _BACKWARD_JUMPS = frozenset(
@@ -61,12 +70,12 @@ class AppFrames:
     def __init__(self) -> None:
         self._roots = _library_roots()
         self._agent_root = os.path.dirname(os.path.abspath(__file__)).rsplit(os.sep, 1)[0] + os.sep
-        self._kind: dict[CodeType, int] = {}
+        self._kind: ByCode = {}  # -> _APP, _LIBRARY or _LAZY_LOAD
         self._files: dict[str, bool] = {}
-        self._loops: dict[CodeType, tuple[tuple[int, int], ...]] = {}
-        #: code -> instruction offset -> the answer of a walk that stopped at once (an
-        #: app frame inside a loop: the N+1 shape): such a query costs two dict lookups.
-        self._at_loop: dict[CodeType, dict[int, tuple[tuple[Site, ...], None]]] = {}
+        self._loops: ByCode = {}  # -> ((start, end) offsets of each loop body, ...)
+        #: -> {instruction offset: the answer of a walk that stopped at once} (an app
+        #: frame inside a loop: the N+1 shape): such a query costs two dict lookups.
+        self._at_loop: ByCode = {}
         self._shown: dict[str, str] = {}  # file name -> as shown in a callsite
         self._cwd = os.getcwd()
 
@@ -87,8 +96,14 @@ class AppFrames:
             and code.co_filename.endswith(os.path.join("sqlalchemy", "orm", "strategies.py"))
         ):
             kind = _LAZY_LOAD
-        self._kind[code] = kind
+        if len(self._kind) >= _CODES_MAX:
+            self._kind.clear()  # code made at run time (exec, templates): stay bounded
+        self._kind[id(code)] = (code, kind)
         return kind
+
+    def kind(self, code: CodeType) -> int:
+        known = self._kind.get(id(code))
+        return known[1] if known is not None else self._classify(code)
 
     def is_app_file(self, filename: str) -> bool:
         """Same answer as for code objects, for places that only kept the file name."""
@@ -125,9 +140,9 @@ class AppFrames:
         walk that stops at its first frame is remembered (0.56 -> 0.2 µs).
         """
         if frame is not None:
-            known = self._at_loop.get(frame.f_code)
+            known = self._at_loop.get(id(frame.f_code))
             if known is not None:
-                answer = known.get(frame.f_lasti)
+                answer = known[1].get(frame.f_lasti)
                 if answer is not None:
                     return answer
         first = frame
@@ -137,9 +152,8 @@ class AppFrames:
         budget = _LIBRARY_BUDGET
         while frame is not None:
             code = frame.f_code
-            kind = kinds.get(code)
-            if kind is None:
-                kind = self._classify(code)
+            known = kinds.get(id(code))
+            kind = known[1] if known is not None else self._classify(code)
             if kind == _APP:
                 offset = frame.f_lasti
                 sites.append((code, offset, frame.f_lineno))
@@ -160,9 +174,9 @@ class AppFrames:
         elif frame is first and lazy is None and len(sites) == 1:
             code, offset = sites[0][0], sites[0][1]
             answer = ((sites[0],), None)
-            if len(self._at_loop) > 4096:
-                self._at_loop.clear()  # code made at run time (exec): stay bounded
-            self._at_loop.setdefault(code, {})[offset] = answer
+            if len(self._at_loop) >= _CODES_MAX:
+                self._at_loop.clear()
+            self._at_loop.setdefault(id(code), (code, {}))[1][offset] = answer
             return answer
         return tuple(sites), lazy
 
@@ -184,29 +198,25 @@ class AppFrames:
             if frame is None:
                 break
             code = frame.f_code
-            kind = self._kind.get(code)
-            if kind is None:
-                kind = self._classify(code)
-            if kind == _APP:
+            if self.kind(code) == _APP:
                 chain.append((code, frame.f_lasti, frame.f_lineno))
             awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
         chain.reverse()
         return chain[:MAX_FRAMES]
 
     def is_app(self, code: CodeType) -> bool:
-        kind = self._kind.get(code)
-        if kind is None:
-            kind = self._classify(code)
-        return kind == _APP
+        return self.kind(code) == _APP
 
     def is_agent(self, code: CodeType) -> bool:
         return self.is_agent_file(code.co_filename)
 
     def in_loop(self, code: CodeType, offset: int) -> bool:
-        loops = self._loops.get(code)
-        if loops is None:
-            loops = self._loops[code] = _loop_ranges(code)
-        for start, end in loops:  # noqa: SIM110 - a plain loop beats any() with a generator
+        known = self._loops.get(id(code))
+        if known is None:
+            if len(self._loops) >= _CODES_MAX:
+                self._loops.clear()
+            known = self._loops[id(code)] = (code, _loop_ranges(code))
+        for start, end in known[1]:  # noqa: SIM110 - a plain loop beats any() with a generator
             if start <= offset <= end:
                 return True
         return False

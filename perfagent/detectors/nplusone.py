@@ -30,16 +30,18 @@ class NPlusOneDetector:
         queries = record.queries
         if queries is None or len(queries) < self._minimum:
             return
-        groups: dict[tuple[str, Any, int], list[Any]] = {}
+        # Keyed by id(code): the request's queries hold their code objects, and
+        # hashing a code object hashes all its bytecode (see db/callsite.py).
+        groups: dict[tuple[str, int, int], list[Any]] = {}
         for query in queries:
             if query.shape.control:
                 continue
             # The capture stopped at the loop frame when there is one: it is the last site.
             site = query.sites[-1] if query.sites else None
             key = (
-                (query.shape.fingerprint, None, 0)
+                (query.shape.fingerprint, 0, 0)
                 if site is None
-                else (query.shape.fingerprint, site[0], site[2])
+                else (query.shape.fingerprint, id(site[0]), site[2])
             )
             group = groups.get(key)
             if group is None:

@@ -39,7 +39,7 @@ class StackSampler:
         self._inflight = inflight
         self._adapter_code: Any = None
         self._endpoint_codes: dict[int, Any] = {}
-        self._labels: dict[Any, str] = {}
+        self._labels: dict[int, tuple[Any, str]] = {}  # id(code) -> (code, label)
 
     def tick(self) -> None:
         """Agent thread: sample the requests that have been running long enough."""
@@ -108,11 +108,13 @@ class StackSampler:
         parts, app_line = [], None
         for frame in frames:  # root first
             code, line = frame[0], frame[1]
-            label = self._labels.get(code)
-            if label is None:
+            known = self._labels.get(id(code))  # by id: see db/callsite.py
+            if known is None:
                 label = f"{code.co_name} ({frames_of.show(code.co_filename)})"
                 if len(self._labels) < 50_000:
-                    self._labels[code] = label
+                    self._labels[id(code)] = (code, label)
+            else:
+                label = known[1]
             if frames_of.is_agent(code):
                 continue
             parts.append(label)
