@@ -10,7 +10,9 @@ Measured per ``n_plus_one`` event (11 keys, to /dev/null): structlog's
 ``add_log_level`` + ``TimeStamper`` + ``ConsoleRenderer`` chain 30.5 µs, the same
 chain with ``JSONRenderer`` 13.5 µs; one processor doing the level, the time
 and the rendering 11 µs readable and 9.6 µs JSON (of which ~3 µs is structlog's
-own dispatch and ~1.5 µs the write).
+own dispatch and ~1.5 µs the write). Remembering the ``key=value`` texts of
+repeated strings and binding the logger once took the readable event from 16 to
+12 µs on a slower machine (render alone 8.5 -> 6.3 µs).
 """
 
 from __future__ import annotations
@@ -57,6 +59,25 @@ def _value(value: Any) -> str:
     return str(value)
 
 
+def _pairs(event_dict: dict[str, Any], known: dict[tuple[str, str], str]) -> str:
+    """``key=value ...`` in key order. The texts of string items are remembered
+    (bounded): a finding that repeats on every request repeats its route, query,
+    call site and advice, and quoting those (a regex and a ``repr`` each) was a
+    third of the line's cost. Numbers and trace ids are new each time."""
+    parts = []
+    for key, value in sorted(event_dict.items()):
+        if value.__class__ is str and key != "trace_id":
+            text = known.get((key, value))
+            if text is None:
+                if len(known) >= 4096:
+                    known.clear()
+                text = known[(key, value)] = f"{key}={_value(value)}"
+        else:
+            text = f"{key}={_value(value)}"
+        parts.append(text)
+    return " ".join(parts)
+
+
 class ConsoleLine:
     """``2026-11-21T01:03:14.596376Z [warning  ] n_plus_one  [perfagent] key=value ...``;
     a ``stack`` (list of frames) follows on lines of its own."""
@@ -64,6 +85,7 @@ class ConsoleLine:
     def __init__(self, colors: bool) -> None:
         self._clock = _Clock()
         self._colors = colors
+        self._known: dict[tuple[str, str], str] = {}
 
     def __call__(self, _logger: Any, method: str, event_dict: dict[str, Any]) -> str:
         event = event_dict.pop("event", "")
@@ -72,7 +94,7 @@ class ConsoleLine:
         level = f"[{method:<9}]"
         if self._colors:
             level = f"{_COLORS.get(method, '')}{level}{_RESET}"
-        pairs = " ".join([f"{key}={_value(value)}" for key, value in sorted(event_dict.items())])
+        pairs = _pairs(event_dict, self._known)
         line = f"{self._clock.now()} {level} {event:<30} [{_LOGGER_NAME}] {pairs}"
         if isinstance(stack, list):
             line += "".join(f"\n    {frame}" for frame in stack)
@@ -102,9 +124,10 @@ def make_logger(log_format: str, stream: TextIO | None = None) -> Any:
         renderer: Any = JsonLine()
     else:
         renderer = ConsoleLine(colors=bool(getattr(target, "isatty", bool)()))
+    # Bound here, once: the lazy proxy that wrap_logger returns would build the
+    # bound logger's method again on every call.
     return structlog.wrap_logger(
         structlog.PrintLogger(target),
         processors=[renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        cache_logger_on_first_use=True,
-    )
+    ).bind()
