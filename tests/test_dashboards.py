@@ -357,9 +357,7 @@ def test_every_query_answers_against_a_real_prometheus(servers, tmp_path):
     argv = [*PERFAGENT, "run", "--no-console", "--metrics-port", str(metrics_port)]
     # Nothing listens at the console URL, so the kept traces are dropped and counted.
     argv += ["--console-url", f"http://127.0.0.1:{dead}", "--slow-ms", "250"]
-    # JSON logs: with the console log format an event_loop_blocked event currently
-    # fails in structlog's ConsoleRenderer (its `stack` key must be a string) before
-    # the blocks counter is incremented.
+    # JSON logs, as a deployment that ships its logs would run.
     argv += ["--log-format", "json", "--"]
     argv += ["uvicorn", "dash_app:app", "--port", str(port), "--workers", "2"]
     app = servers(argv, port, clean_env())

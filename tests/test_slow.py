@@ -44,13 +44,17 @@ def stack(tmp_path_factory):
         PERFAGENT_PROFILE_TOKEN=TOKEN,
         PERFAGENT_SLOW_ROUTES="/slow/lenient=2000",
     )
-    app = Server(argv, port, env)
+    app = None
     try:
+        # The console first: a runner that finds no console at its URL starts one
+        # of its own there (on the default database), which this test would then read.
         console.wait_listening()
+        app = Server(argv, port, env)
         app.wait_listening()
         yield console, app
     finally:
-        app.stop()
+        if app is not None:
+            app.stop()
         console.stop()
 
 

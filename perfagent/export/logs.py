@@ -1,30 +1,31 @@
-"""The agent's own log events.
+"""The agent's own log events: one line each on stderr, readable or JSON.
 
-The agent logs through a structlog logger of its own, so the app's structlog
-configuration is neither read nor changed. With ``log_format="json"`` each event
-is one JSON object per line on stderr; otherwise a readable ``key=value`` line.
+The lines are the ones structlog users know (``key=value`` after the level and
+the event; or one JSON object with ``event``, ``level``, ``timestamp`` and
+``logger``), written by a small logger of our own rather than through
+structlog, for two measured reasons:
 
-Why one renderer of our own instead of structlog's processors: an N+1 route
-logs a finding on every request, so the log call is on that route's hot path.
-Measured per ``n_plus_one`` event (11 keys, to /dev/null): structlog's
-``add_log_level`` + ``TimeStamper`` + ``ConsoleRenderer`` chain 30.5 µs, the same
-chain with ``JSONRenderer`` 13.5 µs; one processor doing the level, the time
-and the rendering 11 µs readable and 9.6 µs JSON (of which ~3 µs is structlog's
-own dispatch and ~1.5 µs the write). Remembering the ``key=value`` texts of
-repeated strings and binding the logger once took the readable event from 16 to
-12 µs on a slower machine (render alone 8.5 -> 6.3 µs).
+- Start-up: ``import structlog`` runs its package ``__init__``, which imports
+  ``structlog.dev``, which imports ``rich`` when it is installed (FastAPI's CLI
+  brings it). That import added 70-90 ms to starting an app under the agent
+  (``-X importtime``: 92 ms of a 257 ms bootstrap, Flask app, rich installed),
+  against a budget of 150 ms for the whole agent.
+- The request path: an N+1 route logs a finding on every request. structlog's
+  own processors cost 30.5 µs per ``n_plus_one`` event (``ConsoleRenderer``),
+  its dispatch alone ~3-4 µs; this writer renders and writes the same line in
+  ~8 µs (readable, repeated strings' ``key=value`` texts remembered).
+
+The app's own structlog or logging configuration is neither read nor changed.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import re
 import sys
+import threading
 import time
 from typing import Any, TextIO
-
-import structlog
 
 _LOGGER_NAME = "perfagent"
 _COLORS = {"error": "\x1b[31;1m", "warning": "\x1b[33m", "info": "\x1b[32m"}
@@ -87,15 +88,13 @@ class ConsoleLine:
         self._colors = colors
         self._known: dict[tuple[str, str], str] = {}
 
-    def __call__(self, _logger: Any, method: str, event_dict: dict[str, Any]) -> str:
-        event = event_dict.pop("event", "")
-        event_dict.pop("logger", None)
-        stack = event_dict.pop("stack", None)
-        level = f"[{method:<9}]"
+    def __call__(self, level: str, event: str, fields: dict[str, Any]) -> str:
+        stack = fields.pop("stack", None)
+        label = f"[{level:<9}]"
         if self._colors:
-            level = f"{_COLORS.get(method, '')}{level}{_RESET}"
-        pairs = _pairs(event_dict, self._known)
-        line = f"{self._clock.now()} {level} {event:<30} [{_LOGGER_NAME}] {pairs}"
+            label = f"{_COLORS.get(level, '')}{label}{_RESET}"
+        pairs = _pairs(fields, self._known)
+        line = f"{self._clock.now()} {label} {event:<30} [{_LOGGER_NAME}] {pairs}"
         if isinstance(stack, list):
             line += "".join(f"\n    {frame}" for frame in stack)
         elif stack is not None:
@@ -110,24 +109,50 @@ class JsonLine:
         self._clock = _Clock()
         self._encode = json.JSONEncoder(default=repr, ensure_ascii=False).encode
 
-    def __call__(self, _logger: Any, method: str, event_dict: dict[str, Any]) -> str:
-        event_dict["level"] = method
-        event_dict["timestamp"] = self._clock.now()
-        event_dict.setdefault("logger", _LOGGER_NAME)
-        return self._encode(event_dict)
+    def __call__(self, level: str, event: str, fields: dict[str, Any]) -> str:
+        fields["event"] = event
+        fields["level"] = level
+        fields["timestamp"] = self._clock.now()
+        fields.setdefault("logger", _LOGGER_NAME)
+        return self._encode(fields)
 
 
-def make_logger(log_format: str, stream: TextIO | None = None) -> Any:
-    """A structlog logger for the agent's events, configured once at start."""
+class EventLog:
+    """``log.warning("n_plus_one", route=..., ...)``: one line per event, INFO and up.
+
+    Safe from any thread: a line is written and flushed under a lock, so lines
+    from the loop, the pool threads and the agent's threads never interleave.
+    """
+
+    __slots__ = ("_lock", "_render", "_stream")
+
+    def __init__(self, render: Any, stream: TextIO) -> None:
+        self._render = render
+        self._stream = stream
+        self._lock = threading.Lock()
+
+    def _emit(self, level: str, event: str, fields: dict[str, Any]) -> None:
+        line = self._render(level, event, fields) + "\n"
+        with self._lock:
+            self._stream.write(line)
+            self._stream.flush()
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._emit("info", event, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._emit("warning", event, fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        self._emit("error", event, fields)
+
+    def debug(self, event: str, **fields: Any) -> None:
+        """Below the agent's level: dropped."""
+
+
+def make_logger(log_format: str, stream: TextIO | None = None) -> EventLog:
+    """The agent's logger, configured once at start; ``stream`` defaults to stderr."""
     target = stream or sys.stderr
     if log_format == "json":
-        renderer: Any = JsonLine()
-    else:
-        renderer = ConsoleLine(colors=bool(getattr(target, "isatty", bool)()))
-    # Bound here, once: the lazy proxy that wrap_logger returns would build the
-    # bound logger's method again on every call.
-    return structlog.wrap_logger(
-        structlog.PrintLogger(target),
-        processors=[renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-    ).bind()
+        return EventLog(JsonLine(), target)
+    return EventLog(ConsoleLine(colors=bool(getattr(target, "isatty", bool)())), target)
