@@ -12,8 +12,9 @@ structlog, for two measured reasons:
   against a budget of 150 ms for the whole agent.
 - The request path: an N+1 route logs a finding on every request. structlog's
   own processors cost 30.5 µs per ``n_plus_one`` event (``ConsoleRenderer``),
-  its dispatch alone ~3-4 µs; this writer renders and writes the same line in
-  ~8 µs (readable, repeated strings' ``key=value`` texts remembered).
+  its dispatch alone ~3-4 µs. This writer renders and writes the same line in
+  9 µs, against 16 µs for the same renderer behind structlog's bound logger
+  (readable format, repeated strings' ``key=value`` texts remembered).
 
 The app's own structlog or logging configuration is neither read nor changed.
 """
