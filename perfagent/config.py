@@ -19,11 +19,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
-
 
 class ConfigError(ValueError):
     """A setting has a value the agent cannot use; the message is one line."""
@@ -172,6 +167,10 @@ def _from_pyproject(start: Path) -> tuple[dict[str, Any], str]:
     path = _find_pyproject(start)
     if path is None:
         return {}, ""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on 3.10 only
+        import tomli as tomllib
     try:
         with path.open("rb") as handle:
             data = tomllib.load(handle)
