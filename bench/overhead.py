@@ -199,25 +199,35 @@ def compile_agent() -> None:
     compileall.compile_dir(os.path.dirname(perfagent.__file__), quiet=1)
 
 
-def startup_ms(app_module: str, config: str, env: dict[str, str], runs: int = 11) -> float:
-    """Median wall time of a process that imports the app and exits."""
-    argv = [sys.executable, "-c", f"import {app_module}"]
-    env = dict(env)
-    if config == "opentelemetry-instrument":
-        argv = ["opentelemetry-instrument", "--traces_exporter", "none", *argv]
-        env.update(OTEL_METRICS_EXPORTER="none", OTEL_LOGS_EXPORTER="none")
-    elif config == "perfagent":
-        from perfagent.bootstrap import SITE_DIR
+def startup_ms(
+    app_module: str, configs: list[str], env: dict[str, str], runs: int = 11
+) -> dict[str, float]:
+    """Median wall time of a process that imports the app and exits, per configuration.
 
-        env["PYTHONPATH"] = os.pathsep.join([SITE_DIR, env.get("PYTHONPATH", "")])
-        env["PERFAGENT_RUNNER"] = "1"
-        env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="perfagent-bench-")
-    times = []
+    The configurations take turns run by run, so a machine that gets busier
+    or quieter meanwhile weighs on all of them alike.
+    """
+    commands = {}
+    for config in configs:
+        argv = [sys.executable, "-c", f"import {app_module}"]
+        config_env = dict(env)
+        if config == "opentelemetry-instrument":
+            argv = ["opentelemetry-instrument", "--traces_exporter", "none", *argv]
+            config_env.update(OTEL_METRICS_EXPORTER="none", OTEL_LOGS_EXPORTER="none")
+        elif config == "perfagent":
+            from perfagent.bootstrap import SITE_DIR
+
+            config_env["PYTHONPATH"] = os.pathsep.join([SITE_DIR, env.get("PYTHONPATH", "")])
+            config_env["PERFAGENT_RUNNER"] = "1"
+            config_env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="perfagent-bench-")
+        commands[config] = (argv, config_env)
+    times: dict[str, list[float]] = {config: [] for config in configs}
     for _ in range(runs):
-        started = time.perf_counter()
-        subprocess.run(argv, cwd=APPS_DIR, env=env, check=True)
-        times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
+        for config, (argv, config_env) in commands.items():
+            started = time.perf_counter()
+            subprocess.run(argv, cwd=APPS_DIR, env=config_env, check=True)
+            times[config].append((time.perf_counter() - started) * 1000)
+    return {config: statistics.median(values) for config, values in times.items()}
 
 
 def stop(server: Server) -> None:
@@ -325,7 +335,7 @@ def main() -> int:
         print("\nstart-up: median ms to start Python, import the app and exit")
         for family in sorted({APPS[a][2] for a in args.apps}):
             configs = [c for c in args.configs if c != "instrumentator"]
-            times = {c: startup_ms(module[family], c, env) for c in configs}
+            times = startup_ms(module[family], configs, env)
             cells = "   ".join(f"{c} {t:6.0f} ({t - times['bare']:+.0f})" for c, t in times.items())
             print(f"  {family:<10} {cells}")
     finally:
