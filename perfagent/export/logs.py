@@ -119,7 +119,7 @@ class JsonLine:
 
 
 class EventLog:
-    """``log.warning("n_plus_one", route=..., ...)``: one line per event, INFO and up.
+    """``log.warning("n_plus_one", route=..., ...)``: one line per event.
 
     Safe from any thread: a line is written and flushed under a lock, so lines
     from the loop, the pool threads and the agent's threads never interleave.
@@ -146,9 +146,6 @@ class EventLog:
 
     def error(self, event: str, **fields: Any) -> None:
         self._emit("error", event, fields)
-
-    def debug(self, event: str, **fields: Any) -> None:
-        """Below the agent's level: dropped."""
 
 
 def make_logger(log_format: str, stream: TextIO | None = None) -> EventLog:
