@@ -22,6 +22,7 @@ The app's own structlog or logging configuration is neither read nor changed.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import threading
@@ -150,7 +151,8 @@ class EventLog:
 
 def make_logger(log_format: str, stream: TextIO | None = None) -> EventLog:
     """The agent's logger, configured once at start; ``stream`` defaults to stderr."""
-    target = stream or sys.stderr
+    # No stderr at all (pythonw, some daemons): the events go nowhere rather than fail.
+    target = stream or sys.stderr or open(os.devnull, "w")  # noqa: SIM115 - lives as long as the agent
     if log_format == "json":
         return EventLog(JsonLine(), target)
     return EventLog(ConsoleLine(colors=bool(getattr(target, "isatty", bool)())), target)
