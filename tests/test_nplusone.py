@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import time
 
 import pytest
@@ -217,14 +219,63 @@ def test_readable_log_line_by_default(tmp_path):
     try:
         server.wait_listening()
         get(server, "/raw/nplusone")
+        get(server, "/raw/nplusone")  # the second line is rendered from remembered texts
         pattern = re.compile(
             r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z \[warning\s*\] n_plus_one\s+\[perfagent\] "
-            r".*callsite=(\S+) count=10 .*route=/raw/nplusone .*trace_id=([0-9a-f]{32})$"
+            r"advice=\"one query per item: [^\"]+\" callsite=(\S+) count=10 db_system=sqlite "
+            r"distinct_parameters=10 fingerprint=('[^']+') method=GET route=/raw/nplusone "
+            r"total_ms=[\d.]+ trace_id=([0-9a-f]{32})$"
         )
         deadline = time.monotonic() + 5.0
-        while not (found := [m for m in map(pattern.match, server.output().splitlines()) if m]):
+        while len(found := [m for m in map(pattern.match, server.output().splitlines()) if m]) < 2:
             assert time.monotonic() < deadline, server.output()[-2000:]
             time.sleep(0.1)
-        assert found[0].group(1) == mark("raw")
+        # Strings with spaces are quoted as Python literals; one-token strings stand bare.
+        expected = "'SELECT count(*) FROM comment WHERE post_id=?'"
+        assert [m.group(1, 2) for m in found] == [(mark("raw"), expected)] * 2
+        assert found[0].group(3) != found[1].group(3)  # a trace id of each request
     finally:
         server.stop()
+
+
+_NO_STDERR_APP = """
+import asyncio, sqlite3, sys
+import httpx
+assert sys.stderr is None, "stderr should be closed"
+import perfagent
+perfagent.init(metrics_port=0, console_url="http://127.0.0.1:9")
+from fastapi import FastAPI
+conn = sqlite3.connect(sys.argv[1], check_same_thread=False)
+conn.execute("CREATE TABLE item (id INTEGER PRIMARY KEY, name TEXT)")
+conn.executemany("INSERT INTO item VALUES (?, ?)", [(i, str(i)) for i in range(10)])
+app = FastAPI()
+
+@app.get("/items")
+def items():
+    return [conn.execute("SELECT name FROM item WHERE id = ?", (i,)).fetchone() for i in range(10)]
+
+async def main():
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        return (await client.get("/items")).status_code
+
+status = asyncio.run(main())
+metrics = perfagent._state["agent"].metrics
+print(status, metrics.n_plus_one.labels("/items")._value.get(),
+      metrics.dropped.labels("agent_error")._value.get())
+"""
+
+
+def test_a_process_without_stderr_still_gets_its_findings(tmp_path):
+    """pythonw and some daemons run with no stderr: the log line goes nowhere, the
+    finding is still counted, and nothing fails inside the agent."""
+    result = subprocess.run(
+        ["bash", "-c", 'exec "$0" -c "$1" "$2" 2>&-', sys.executable, _NO_STDERR_APP, "app.db"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.split() == ["200", "1.0", "0.0"]
