@@ -67,7 +67,7 @@ class Agent:
             settings.export_interval_s,
         )
         self.otel = self._otel_bridge()
-        self.capture = QueryCapture(self.internal_error)
+        self.capture = QueryCapture(self.internal_error, settings.compiled_hooks)
         #: Requests in flight -> (thread id, asyncio task or None), for the sampler.
         self.inflight: dict[RequestRecord, tuple[int, Any]] = {}
         self.stack_sampler = StackSampler(

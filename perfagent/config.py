@@ -35,6 +35,8 @@ class Settings:
     nplusone_min: int = 5
     log_format: str = "console"
     server_timing: bool = True
+    #: The sqlite3 query hook in C (perfagent/_speedups.c) where it was built.
+    compiled_hooks: bool = True
     trace_sample: float = 0.01
     service_name: str = "unknown_service:python"
     export_interval_s: float = 10.0
@@ -141,6 +143,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "nplusone_min": _number(2, 1_000_000, integer=True, unit="a whole number of queries"),
     "log_format": _choice("console", "json"),
     "server_timing": _parse_bool,
+    "compiled_hooks": _parse_bool,
     "trace_sample": _number(0, 1, integer=False, unit="a fraction"),
     "service_name": _name,
     "export_interval_s": _number(0.1, 3600, integer=False, unit="seconds"),

@@ -37,20 +37,30 @@ def mark(name: str, module: str = "db_app.py") -> str:
     raise LookupError(name)
 
 
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
+def _serve_db_app(tmp_path_factory, **settings: str):
     port, metrics_port = free_port(), free_port()
     db = tmp_path_factory.mktemp("db") / "app.sqlite"
     argv = [*PERFAGENT, "run", "--no-console", "--metrics-port", str(metrics_port)]
     argv += ["--log-format", "json", "--", "uvicorn", "db_app:app", "--port", str(port)]
     env = clean_env(DB_PATH=str(db), PG_DSN=PG_DSN if PG_UP else "", PERFAGENT_NPLUSONE_MIN="5")
-    server = Server(argv, port, env)
+    server = Server(argv, port, {**env, **settings})
     try:
         server.wait_listening()
         server.metrics_port = metrics_port
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    yield from _serve_db_app(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def python_hooks_app(tmp_path_factory):
+    """The same app with the sqlite3 hook in Python rather than C (perfagent/_speedups.c)."""
+    yield from _serve_db_app(tmp_path_factory, PERFAGENT_COMPILED_HOOKS="0")
 
 
 def findings(server: Server, route: str, expect: int, timeout: float = 5.0) -> list[dict]:
@@ -157,6 +167,64 @@ def test_two_repeated_shapes_per_row_are_two_findings(app):
 def test_does_not_flag_look_alikes(app, path):
     get(app, path)
     assert findings(app, path, 0) == []
+
+
+def test_the_sqlite3_hook_is_compiled_where_a_compiler_is_found():
+    import sqlite3
+
+    import perfagent
+    from perfagent.db import drivers
+
+    assert drivers.SqlHook is not None, "perfagent/_speedups.c was not built by pip install"
+    from perfagent.record import RequestRecord, current
+
+    perfagent.init(metrics_port=0)
+    try:
+        connection = sqlite3.connect(":memory:")
+        connection_class = type(connection)
+        assert isinstance(connection_class.__dict__["execute"], drivers.SqlHook)
+        assert isinstance(connection_class.__dict__["executemany"], drivers.SqlHook)
+        record = RequestRecord("GET", 0.0)
+        token = current.set(record)
+        try:
+            # The driver's own error reaches the app unchanged; the query still counts.
+            with pytest.raises(sqlite3.OperationalError, match="syntax error"):
+                connection.execute("SELEC 1")
+            connection.execute("CREATE TABLE t (id INTEGER)")
+            connection.executemany("INSERT INTO t VALUES (?)", [(i,) for i in range(7)])
+            execute = connection.execute  # bound outside a call, as a method is
+            assert execute("SELECT count(*) FROM t").fetchone() == (7,)
+        finally:
+            current.reset(token)
+        assert [(q.sql, q.many) for q in record.queries] == [
+            ("SELEC 1", 0),
+            ("CREATE TABLE t (id INTEGER)", 0),
+            ("INSERT INTO t VALUES (?)", 7),
+            ("SELECT count(*) FROM t", 0),
+        ]
+        assert record.db_time > 0
+    finally:
+        perfagent.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("path", "kind", "count", "callsite"),
+    [
+        ("/raw/nplusone", "n_plus_one", 10, mark("raw")),
+        ("/raw/helper", "n_plus_one", 10, mark("helper")),
+        ("/raw/duplicate", "duplicate_query", 6, mark("duplicate")),
+        ("/orm/lazy", "n_plus_one", 10, mark("lazy")),
+        ("/raw/executemany", None, 0, None),
+        ("/raw/four", None, 0, None),
+    ],
+)
+def test_the_python_sqlite3_hook_finds_the_same(python_hooks_app, path, kind, count, callsite):
+    response = get(python_hooks_app, path)
+    assert "db;dur=" in response.headers["server-timing"]
+    events = findings(python_hooks_app, path, 1 if kind else 0)
+    assert [(e["event"], e["count"], e["callsite"]) for e in events] == (
+        [(kind, count, callsite)] if kind else []
+    )
 
 
 def test_queries_outside_requests_are_not_charged_and_metrics_count(app):

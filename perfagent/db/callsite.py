@@ -75,7 +75,7 @@ class AppFrames:
         self._loops: ByCode = {}  # -> ((start, end) offsets of each loop body, ...)
         #: -> {instruction offset: the answer of a walk that stopped at once} (an app
         #: frame inside a loop: the N+1 shape): such a query costs two dict lookups.
-        self._at_loop: ByCode = {}
+        self.at_loop: ByCode = {}
         self._shown: dict[str, str] = {}  # file name -> as shown in a callsite
         self._cwd = os.getcwd()
 
@@ -140,7 +140,7 @@ class AppFrames:
         walk that stops at its first frame is remembered (0.56 -> 0.2 µs).
         """
         if frame is not None:
-            known = self._at_loop.get(id(frame.f_code))
+            known = self.at_loop.get(id(frame.f_code))
             if known is not None:
                 answer = known[1].get(frame.f_lasti)
                 if answer is not None:
@@ -174,9 +174,9 @@ class AppFrames:
         elif frame is first and lazy is None and len(sites) == 1:
             code, offset = sites[0][0], sites[0][1]
             answer = ((sites[0],), None)
-            if len(self._at_loop) >= _CODES_MAX:
-                self._at_loop.clear()
-            self._at_loop.setdefault(id(code), (code, {}))[1][offset] = answer
+            if len(self.at_loop) >= _CODES_MAX:
+                self.at_loop.clear()
+            self.at_loop.setdefault(id(code), (code, {}))[1][offset] = answer
             return answer
         return tuple(sites), lazy
 

@@ -43,7 +43,9 @@ _new = tuple.__new__
 class QueryCapture:
     """Shared by every driver hook; one per agent."""
 
-    def __init__(self, on_error: Any) -> None:
+    def __init__(self, on_error: Any, compiled: bool = True) -> None:
+        #: Whether the sqlite3 hooks may be the C ones (``PERFAGENT_COMPILED_HOOKS``).
+        self.compiled = compiled
         self.fingerprints = Fingerprints()
         self.frames = AppFrames()
         self._shapes = self.fingerprints.cache

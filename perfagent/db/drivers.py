@@ -28,9 +28,14 @@ from types import ModuleType
 from typing import Any
 
 from perfagent.db.callsite import origin
-from perfagent.db.capture import QueryCapture
+from perfagent.db.capture import Query, QueryCapture
 from perfagent.patching import Patch
 from perfagent.record import current
+
+try:  # the sqlite3 hooks in C, built by pip where a C compiler is found (see _speedups.c)
+    from perfagent._speedups import SqlHook
+except ImportError:
+    SqlHook = None
 
 _frame = sys._getframe
 
@@ -83,7 +88,9 @@ def _timed_async(
     return method
 
 
-def _cursor_subclasses(capture: QueryCapture, system: str) -> Callable[[type], type]:
+def _cursor_subclasses(
+    capture: QueryCapture, system: str, timed: Callable = _timed
+) -> Callable[[type], type]:
     """For C cursor types (sqlite3, psycopg2): a timed subclass per base, made once."""
     made: dict[type, type] = {}
 
@@ -94,9 +101,10 @@ def _cursor_subclasses(capture: QueryCapture, system: str) -> Callable[[type], t
                 base.__name__,
                 (base,),
                 {
-                    "execute": _timed(capture, system, base.execute),
-                    "executemany": _timed(capture, system, base.executemany, many=True),
+                    "execute": timed(capture, system, base.execute),
+                    "executemany": timed(capture, system, base.executemany, many=True),
                     "__module__": base.__module__,
+                    "__slots__": (),
                 },
             )
         return cls
@@ -107,6 +115,42 @@ def _cursor_subclasses(capture: QueryCapture, system: str) -> Callable[[type], t
 # -- sqlite3 ----------------------------------------------------------------
 
 
+def _sqlite_hook(
+    capture: QueryCapture,
+    run: Callable,
+    many: bool,
+    no_params: Any,
+    make_cursor: Callable | None = None,
+    cursor_class: type | None = None,
+) -> Any:
+    """The C hook (``_speedups.SqlHook``) doing what ``_timed`` (no ``make_cursor``) or
+    ``_on_new_cursor`` do; None where the module was not built."""
+    if SqlHook is None or not capture.compiled:
+        return None
+    return SqlHook(
+        run,
+        make_cursor,
+        cursor_class,
+        "sqlite",
+        no_params,
+        current,
+        perf_counter,
+        capture.add,
+        capture.fingerprints.cache,
+        capture.frames.at_loop,
+        Query,
+        many,
+    )
+
+
+def _timed_sqlite(
+    capture: QueryCapture, system: str, original: Callable, many: bool = False
+) -> Any:
+    """``_timed`` for sqlite3's cursors, in C where it was built."""
+    hook = _sqlite_hook(capture, original, many, None)
+    return hook if hook is not None else _timed(capture, system, original, many)
+
+
 def _on_new_cursor(
     capture: QueryCapture,
     make_cursor: Callable,
@@ -115,6 +159,9 @@ def _on_new_cursor(
     many: bool = False,
 ) -> Any:
     """``Connection.execute``/``executemany``: run on a new cursor of ours, timed here."""
+    hook = _sqlite_hook(capture, run, many, (), make_cursor, cursor_class)
+    if hook is not None:
+        return hook
     add = capture.add
 
     def method(self: Any, sql: Any, *args: Any) -> Any:
@@ -135,7 +182,7 @@ def _on_new_cursor(
 
 def install_sqlite3(module: ModuleType, capture: QueryCapture, patches: list[Patch]) -> None:
     connections: dict[type, type] = {}
-    cursor_class = _cursor_subclasses(capture, "sqlite")
+    cursor_class = _cursor_subclasses(capture, "sqlite", _timed_sqlite)
     cursor_execute = module.Cursor.execute  # the C methods, called on our cursor subclass
     cursor_executemany = module.Cursor.executemany
 

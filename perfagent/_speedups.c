@@ -1,0 +1,443 @@
+/*
+ * The sqlite3 query hook in C: the one piece of the agent that runs once per
+ * query rather than once per request.
+ *
+ * Why C: in Python, the wrapper around ``Connection.execute`` and the call to
+ * ``QueryCapture.add`` cost ~12,000 instructions per query (callgrind, the
+ * benchmark's 11-query route), on a sqlite3 SELECT by primary key that costs
+ * ~16,600 on its own: the hooks alone took the route to 0.80 of bare
+ * throughput before any finding was made. This file does the same work for the
+ * common case; see ``SqlHook_vectorcall`` for what it is. Everything else
+ * (a statement seen for the first time, a call site not yet cached, bytes
+ * statements, keyword arguments) goes to the Python code in
+ * ``perfagent/db/drivers.py`` and ``perfagent/db/capture.py``, which stays the
+ * reference: the package works without this module, only slower.
+ *
+ * Like every hook of the agent, nothing here raises into the app: the app
+ * sees exactly what the driver returned or raised; an error of the agent's
+ * own is cleared and the query is handed to the Python path, which counts it.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stddef.h>
+
+static PyObject *str_done, *str_queries, *str_db_time;
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *run;          /* the driver's own Cursor.execute or executemany */
+    PyObject *make_cursor;  /* Connection.cursor for the connection's methods, else NULL */
+    PyObject *cursor_class; /* the cursor class make_cursor is given */
+    PyObject *system;       /* "sqlite" */
+    PyObject *no_params;    /* what the params of a call without any are recorded as */
+    PyObject *current;      /* perfagent.record.current, the request's ContextVar */
+    PyObject *perf_counter; /* time.perf_counter: record.start comes from it */
+    PyObject *slow_add;     /* QueryCapture.add: the reference path */
+    PyObject *shapes;       /* statement text -> Shape, the fingerprint cache */
+    PyObject *at_loop;      /* id(code) -> (code, {offset: (sites, lazy)}), see callsite.py */
+    PyTypeObject *query_type;
+    int many;
+} SqlHook;
+
+static double
+now(SqlHook *self)
+{
+    PyObject *value = PyObject_CallNoArgs(self->perf_counter);
+    if (value == NULL) {
+        PyErr_Clear();
+        return 0.0;
+    }
+    double seconds = PyFloat_AsDouble(value);
+    Py_DECREF(value);
+    return seconds;
+}
+
+/* The request's record when one is running in this context, else NULL; a new reference. */
+static PyObject *
+running_record(SqlHook *self)
+{
+    PyObject *record = NULL;
+    if (PyContextVar_Get(self->current, Py_None, &record) < 0) {
+        PyErr_Clear();
+        return NULL;
+    }
+    if (record == Py_None) {
+        Py_DECREF(record);
+        return NULL;
+    }
+    PyObject *done = PyObject_GetAttr(record, str_done);
+    if (done != Py_False) {
+        if (done == NULL) {
+            PyErr_Clear();
+        }
+        Py_XDECREF(done);
+        Py_DECREF(record);
+        return NULL;
+    }
+    Py_DECREF(done);
+    return record;
+}
+
+/* (sites, lazy) cached for the caller's code and offset, borrowed; NULL if not cached. */
+static PyObject *
+cached_sites(SqlHook *self, PyFrameObject *frame)
+{
+    if (frame == NULL) {
+        return NULL;
+    }
+    PyCodeObject *code = PyFrame_GetCode(frame);
+    PyObject *key = PyLong_FromVoidPtr(code);
+    Py_DECREF(code);
+    if (key == NULL) {
+        return NULL;
+    }
+    PyObject *entry = PyDict_GetItemWithError(self->at_loop, key);
+    Py_DECREF(key);
+    if (entry == NULL || !PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 2) {
+        return NULL;
+    }
+#if PY_VERSION_HEX >= 0x030B0000
+    int lasti = PyFrame_GetLasti(frame);
+#else
+    int lasti = -1;
+    PyObject *value = PyObject_GetAttrString((PyObject *)frame, "f_lasti");
+    if (value != NULL) {
+        lasti = (int)PyLong_AsLong(value);
+        Py_DECREF(value);
+    }
+#endif
+    if (lasti < 0) {
+        return NULL;
+    }
+    PyObject *offset = PyLong_FromLong(lasti);
+    if (offset == NULL) {
+        return NULL;
+    }
+    PyObject *answer = PyDict_GetItemWithError(PyTuple_GET_ITEM(entry, 1), offset);
+    Py_DECREF(offset);
+    if (answer == NULL || !PyTuple_CheckExact(answer) || PyTuple_GET_SIZE(answer) != 2) {
+        return NULL;
+    }
+    return answer;
+}
+
+/* QueryCapture.add for a query whose shape and call site are cached; 0 if done, -1 if not. */
+static int
+add_fast(SqlHook *self, PyObject *record, PyObject *sql, PyObject *params, double start,
+         double end, PyFrameObject *frame, Py_ssize_t many)
+{
+    if (!PyUnicode_CheckExact(sql)) {
+        return -1;
+    }
+    PyObject *shape = PyDict_GetItemWithError(self->shapes, sql);
+    if (shape == NULL) {
+        return -1;
+    }
+    PyObject *answer = cached_sites(self, frame);
+    if (answer == NULL) {
+        return -1;
+    }
+    PyObject *query = self->query_type->tp_alloc(self->query_type, 9);
+    if (query == NULL) {
+        return -1;
+    }
+    PyObject *items[9] = {
+        self->system, sql, shape, params, PyFloat_FromDouble(start), PyFloat_FromDouble(end - start),
+        PyLong_FromSsize_t(many), PyTuple_GET_ITEM(answer, 0), PyTuple_GET_ITEM(answer, 1),
+    };
+    for (int i = 0; i < 9; i++) {
+        if (i < 4 || i > 6) {
+            Py_INCREF(items[i]);
+        }
+        PyTuple_SET_ITEM(query, i, items[i]);
+    }
+    if (items[4] == NULL || items[5] == NULL || items[6] == NULL) {
+        Py_DECREF(query); /* the tuple's dealloc skips the NULL items */
+        return -1;
+    }
+    int failed = -1;
+    PyObject *queries = PyObject_GetAttr(record, str_queries);
+    PyObject *db_time = NULL, *total = NULL;
+    if (queries == NULL) {
+        goto done;
+    }
+    if (PyList_CheckExact(queries)) {
+        if (PyList_Append(queries, query) < 0) {
+            goto done;
+        }
+    }
+    else if (queries == Py_None) {
+        PyObject *fresh = PyList_New(1);
+        if (fresh == NULL) {
+            goto done;
+        }
+        Py_INCREF(query);
+        PyList_SET_ITEM(fresh, 0, query);
+        int set = PyObject_SetAttr(record, str_queries, fresh);
+        Py_DECREF(fresh);
+        if (set < 0) {
+            goto done;
+        }
+    }
+    else {
+        goto done; /* someone else's list type: the Python path knows what to do */
+    }
+    failed = 0; /* the query is in the record: db_time is a best effort from here */
+    db_time = PyObject_GetAttr(record, str_db_time);
+    if (db_time != NULL && PyFloat_CheckExact(db_time)) {
+        total = PyFloat_FromDouble(PyFloat_AS_DOUBLE(db_time) + (end - start));
+        if (total != NULL) {
+            PyObject_SetAttr(record, str_db_time, total);
+        }
+    }
+done:
+    if (PyErr_Occurred()) {
+        PyErr_Clear();
+    }
+    Py_XDECREF(total);
+    Py_XDECREF(db_time);
+    Py_XDECREF(queries);
+    Py_DECREF(query);
+    return failed;
+}
+
+static Py_ssize_t
+size_of(PyObject *rows)
+{
+    Py_ssize_t size = PyObject_Size(rows);
+    if (size < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    return size;
+}
+
+/*
+ * ``connection.execute(sql, params)`` (make_cursor set: run on a new cursor of
+ * ours, as the Python ``_on_new_cursor``) or ``cursor.execute(sql, params)``
+ * (as ``_timed``): the driver's call, timed, and the query charged to the
+ * running request. Called with self first, as a method (METHOD_DESCRIPTOR).
+ */
+static PyObject *
+SqlHook_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    SqlHook *self = (SqlHook *)callable;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs < 1) {
+        PyErr_SetString(PyExc_TypeError, "execute() needs the connection or cursor");
+        return NULL;
+    }
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    PyObject *small[8];
+    PyObject **call = small;
+    if (nargs + nkw > 8) {
+        call = PyMem_Malloc((nargs + nkw) * sizeof(PyObject *));
+        if (call == NULL) {
+            return PyErr_NoMemory();
+        }
+    }
+    for (Py_ssize_t i = 1; i < nargs + nkw; i++) {
+        call[i] = args[i];
+    }
+    PyObject *target = args[0];
+    Py_INCREF(target);
+    if (self->make_cursor != NULL) {
+        PyObject *pair[2] = {args[0], self->cursor_class};
+        Py_SETREF(target, PyObject_Vectorcall(self->make_cursor, pair, 2, NULL));
+        if (target == NULL) {
+            goto out; /* the driver's own error (a closed connection): the app's to see */
+        }
+    }
+    call[0] = target;
+
+    PyObject *result;
+    PyObject *record = (nargs >= 2 && nkw == 0) ? running_record(self) : NULL;
+    if (record == NULL) {
+        result = PyObject_Vectorcall(self->run, call, nargs, kwnames);
+        Py_DECREF(target);
+        goto out_result;
+    }
+    PyFrameObject *frame = PyEval_GetFrame(); /* the caller's: this function has none */
+    Py_XINCREF(frame);
+    double start = now(self);
+    result = PyObject_Vectorcall(self->run, call, nargs, kwnames);
+    PyObject *exc_type, *exc_value, *exc_tb;
+    PyErr_Fetch(&exc_type, &exc_value, &exc_tb); /* the driver's error, if any, kept aside */
+    double end = now(self);
+    Py_DECREF(target);
+
+    PyObject *sql = args[1];
+    PyObject *params = nargs > 2 ? args[2] : self->no_params;
+    Py_ssize_t many = self->many ? size_of(params) : 0;
+    if (add_fast(self, record, sql, params, start, end, frame, many) < 0) {
+        PyObject *py_start = PyFloat_FromDouble(start), *py_end = PyFloat_FromDouble(end);
+        PyObject *py_many = PyLong_FromSsize_t(many);
+        if (py_start != NULL && py_end != NULL && py_many != NULL) {
+            PyObject *add_args[8] = {record, self->system, sql, params, py_start, py_end,
+                                     frame != NULL ? (PyObject *)frame : Py_None, py_many};
+            PyObject *added = PyObject_Vectorcall(self->slow_add, add_args, 8, NULL);
+            Py_XDECREF(added);
+        }
+        Py_XDECREF(py_start);
+        Py_XDECREF(py_end);
+        Py_XDECREF(py_many);
+        PyErr_Clear();
+    }
+    PyErr_Restore(exc_type, exc_value, exc_tb);
+    Py_XDECREF(frame);
+    Py_DECREF(record);
+out_result:
+    if (call != small) {
+        PyMem_Free(call);
+    }
+    return result;
+out:
+    if (call != small) {
+        PyMem_Free(call);
+    }
+    return NULL;
+}
+
+static PyObject *
+SqlHook_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *names[] = {"run",          "make_cursor", "cursor_class", "system",
+                            "no_params",    "current",     "perf_counter", "slow_add",
+                            "shapes",       "at_loop",     "query_type",   "many",
+                            NULL};
+    PyObject *run, *make_cursor, *cursor_class, *system, *no_params, *current, *perf_counter;
+    PyObject *slow_add, *shapes, *at_loop, *query_type;
+    int many = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOUOOOOO!O!O!|p", names, &run, &make_cursor,
+                                     &cursor_class, &system, &no_params, &current, &perf_counter,
+                                     &slow_add, &PyDict_Type, &shapes, &PyDict_Type, &at_loop,
+                                     &PyType_Type, &query_type, &many)) {
+        return NULL;
+    }
+    if (!PyContextVar_CheckExact(current)) {
+        PyErr_SetString(PyExc_TypeError, "current must be a ContextVar");
+        return NULL;
+    }
+    if (!PyType_IsSubtype((PyTypeObject *)query_type, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "query_type must be a tuple subclass");
+        return NULL;
+    }
+    SqlHook *self = (SqlHook *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->vectorcall = SqlHook_vectorcall;
+    self->run = Py_NewRef(run);
+    self->make_cursor = make_cursor == Py_None ? NULL : Py_NewRef(make_cursor);
+    self->cursor_class = Py_NewRef(cursor_class);
+    self->system = Py_NewRef(system);
+    self->no_params = Py_NewRef(no_params);
+    self->current = Py_NewRef(current);
+    self->perf_counter = Py_NewRef(perf_counter);
+    self->slow_add = Py_NewRef(slow_add);
+    self->shapes = Py_NewRef(shapes);
+    self->at_loop = Py_NewRef(at_loop);
+    self->query_type = (PyTypeObject *)Py_NewRef(query_type);
+    self->many = many;
+    return (PyObject *)self;
+}
+
+static int
+SqlHook_traverse(SqlHook *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->run);
+    Py_VISIT(self->make_cursor);
+    Py_VISIT(self->cursor_class);
+    Py_VISIT(self->system);
+    Py_VISIT(self->no_params);
+    Py_VISIT(self->current);
+    Py_VISIT(self->perf_counter);
+    Py_VISIT(self->slow_add);
+    Py_VISIT(self->shapes);
+    Py_VISIT(self->at_loop);
+    Py_VISIT(self->query_type);
+    return 0;
+}
+
+static int
+SqlHook_clear(SqlHook *self)
+{
+    Py_CLEAR(self->run);
+    Py_CLEAR(self->make_cursor);
+    Py_CLEAR(self->cursor_class);
+    Py_CLEAR(self->system);
+    Py_CLEAR(self->no_params);
+    Py_CLEAR(self->current);
+    Py_CLEAR(self->perf_counter);
+    Py_CLEAR(self->slow_add);
+    Py_CLEAR(self->shapes);
+    Py_CLEAR(self->at_loop);
+    Py_CLEAR(self->query_type);
+    return 0;
+}
+
+static void
+SqlHook_dealloc(SqlHook *self)
+{
+    PyObject_GC_UnTrack(self);
+    SqlHook_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* ``instance.execute`` outside a call (``f = conn.execute``): a bound method, as for a function. */
+static PyObject *
+SqlHook_get(PyObject *self, PyObject *instance, PyObject *owner)
+{
+    if (instance == NULL || instance == Py_None) {
+        return Py_NewRef(self);
+    }
+    return PyMethod_New(self, instance);
+}
+
+static PyTypeObject SqlHookType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "perfagent._speedups.SqlHook",
+    .tp_basicsize = sizeof(SqlHook),
+    .tp_dealloc = (destructor)SqlHook_dealloc,
+    .tp_vectorcall_offset = offsetof(SqlHook, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL |
+                Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_doc = "A sqlite3 execute/executemany timed into the running request's record.",
+    .tp_traverse = (traverseproc)SqlHook_traverse,
+    .tp_clear = (inquiry)SqlHook_clear,
+    .tp_descr_get = SqlHook_get,
+    .tp_new = SqlHook_new,
+};
+
+static struct PyModuleDef speedups_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "perfagent._speedups",
+    .m_doc = "The per-query hook of sqlite3 in C (see perfagent/_speedups.c).",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    str_done = PyUnicode_InternFromString("done");
+    str_queries = PyUnicode_InternFromString("queries");
+    str_db_time = PyUnicode_InternFromString("db_time");
+    if (str_done == NULL || str_queries == NULL || str_db_time == NULL) {
+        return NULL;
+    }
+    if (PyType_Ready(&SqlHookType) < 0) {
+        return NULL;
+    }
+    PyObject *module = PyModule_Create(&speedups_module);
+    if (module == NULL) {
+        return NULL;
+    }
+    Py_INCREF(&SqlHookType);
+    if (PyModule_AddObject(module, "SqlHook", (PyObject *)&SqlHookType) < 0) {
+        Py_DECREF(&SqlHookType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}
