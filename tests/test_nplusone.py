@@ -347,3 +347,52 @@ def test_a_process_without_stderr_still_gets_its_findings(tmp_path):
     )
     assert result.returncode == 0, result.stdout
     assert result.stdout.split() == ["200", "1.0", "0.0"]
+
+
+def test_the_compiled_grouping_matches_the_python_one():
+    """_speedups.repeats against the detector's Python _repeats on the cases that
+    decide a finding: control statements, batched chunks, queries without app
+    frames, two call sites, two lines of one code object, below the minimum."""
+    from perfagent._speedups import repeats
+
+    from perfagent.db.capture import Query
+    from perfagent.db.fingerprint import Fingerprints
+    from perfagent.detectors.nplusone import _repeats
+
+    shape = Fingerprints()
+
+    def view():
+        pass
+
+    def helper():
+        pass
+
+    def query(sql: str, *sites: tuple) -> Query:
+        return Query("sqlite", sql, shape(sql), (1,), 0.0, 0.001, 0, sites, None)
+
+    loop, other_line, elsewhere = (
+        (view.__code__, 10, 12),
+        (view.__code__, 20, 14),
+        (helper.__code__, 4, 3),
+    )
+    queries = (
+        [query("SELECT * FROM c WHERE p = ?", elsewhere, loop) for _ in range(6)]
+        + [query("SELECT * FROM c WHERE p = ?", other_line) for _ in range(5)]
+        + [query("SELECT * FROM d WHERE id = ?", loop) for _ in range(4)]
+        + [query("SAVEPOINT sa_1", loop) for _ in range(9)]
+        + [query("SELECT * FROM c WHERE p IN (?, ?, ?)", loop) for _ in range(7)]
+        + [query(f"SELECT * FROM e WHERE id = {i}") for i in range(5)]
+    )
+    for minimum in (2, 5, 6):
+        expected = _repeats(queries, minimum)
+        assert repeats(queries, minimum) == expected
+        assert [(f, len(g)) for f, g in expected] == [
+            (f, n)
+            for f, n in [
+                ("SELECT * FROM c WHERE p=?", 6),
+                ("SELECT * FROM c WHERE p=?", 5),
+                ("SELECT * FROM d WHERE id=?", 4),
+                ("SELECT * FROM e WHERE id=?", 5),
+            ]
+            if n >= minimum
+        ]

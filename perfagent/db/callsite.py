@@ -70,9 +70,9 @@ class AppFrames:
     def __init__(self) -> None:
         self._roots = _library_roots()
         self._agent_root = os.path.dirname(os.path.abspath(__file__)).rsplit(os.sep, 1)[0] + os.sep
-        self._kind: ByCode = {}  # -> _APP, _LIBRARY or _LAZY_LOAD
+        self.kinds: ByCode = {}  # -> _APP, _LIBRARY or _LAZY_LOAD
         self._files: dict[str, bool] = {}
-        self._loops: ByCode = {}  # -> ((start, end) offsets of each loop body, ...)
+        self.loops: ByCode = {}  # -> ((start, end) offsets of each loop body, ...)
         #: -> {instruction offset: the answer of a walk that stopped at once} (an app
         #: frame inside a loop: the N+1 shape): such a query costs two dict lookups.
         self.at_loop: ByCode = {}
@@ -96,13 +96,13 @@ class AppFrames:
             and code.co_filename.endswith(os.path.join("sqlalchemy", "orm", "strategies.py"))
         ):
             kind = _LAZY_LOAD
-        if len(self._kind) >= _CODES_MAX:
-            self._kind.clear()  # code made at run time (exec, templates): stay bounded
-        self._kind[id(code)] = (code, kind)
+        if len(self.kinds) >= _CODES_MAX:
+            self.kinds.clear()  # code made at run time (exec, templates): stay bounded
+        self.kinds[id(code)] = (code, kind)
         return kind
 
     def kind(self, code: CodeType) -> int:
-        known = self._kind.get(id(code))
+        known = self.kinds.get(id(code))
         return known[1] if known is not None else self._classify(code)
 
     def is_app_file(self, filename: str) -> bool:
@@ -146,7 +146,7 @@ class AppFrames:
                 if answer is not None:
                     return answer
         first = frame
-        kinds = self._kind
+        kinds = self.kinds
         sites: list[Site] = []
         lazy: str | None = None
         budget = _LIBRARY_BUDGET
@@ -211,11 +211,11 @@ class AppFrames:
         return self.is_agent_file(code.co_filename)
 
     def in_loop(self, code: CodeType, offset: int) -> bool:
-        known = self._loops.get(id(code))
+        known = self.loops.get(id(code))
         if known is None:
-            if len(self._loops) >= _CODES_MAX:
-                self._loops.clear()
-            known = self._loops[id(code)] = (code, _loop_ranges(code))
+            if len(self.loops) >= _CODES_MAX:
+                self.loops.clear()
+            known = self.loops[id(code)] = (code, _loop_ranges(code))
         for start, end in known[1]:  # noqa: SIM110 - a plain loop beats any() with a generator
             if start <= offset <= end:
                 return True

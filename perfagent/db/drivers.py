@@ -137,7 +137,7 @@ def _sqlite_hook(
         perf_counter,
         capture.add,
         capture.fingerprints.cache,
-        capture.frames.at_loop,
+        capture.frames,
         Query,
         many,
     )

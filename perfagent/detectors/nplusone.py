@@ -18,39 +18,57 @@ from typing import Any
 
 from perfagent.record import RequestRecord
 
+try:  # the grouping in C, built by pip where a C compiler is found (perfagent/_speedups.c)
+    from perfagent._speedups import repeats as _compiled_repeats
+except ImportError:
+    _compiled_repeats = None
+
+
+def _repeats(queries: list[Any], minimum: int) -> list[tuple[str, list[Any]]]:
+    """(fingerprint, queries) of each group of at least ``minimum`` repeats.
+
+    Grouped by fingerprint and by the last app site (the loop line when there is
+    one: ``capture`` stops there), keyed by id(code) since the request's queries
+    hold their code objects and hashing one hashes its bytecode (db/callsite.py).
+    ``repeats`` in ``_speedups.c`` does the same in C.
+    """
+    groups: dict[tuple[str, int, int], list[Any]] = {}
+    for query in queries:
+        if query.shape.control:
+            continue
+        site = query.sites[-1] if query.sites else None
+        key = (
+            (query.shape.fingerprint, 0, 0)
+            if site is None
+            else (query.shape.fingerprint, id(site[0]), site[2])
+        )
+        group = groups.get(key)
+        if group is None:
+            groups[key] = [query]
+        else:
+            group.append(query)
+    return [
+        (fingerprint, group)
+        for (fingerprint, _code, _line), group in groups.items()
+        if len(group) >= minimum and not all(q.shape.batched for q in group)
+    ]
+
 
 class NPlusOneDetector:
     def __init__(self, agent: Any, capture: Any) -> None:
         self._agent = agent
         self._frames = capture.frames
         self._minimum = agent.settings.nplusone_min
+        use_c = capture.compiled and _compiled_repeats is not None
+        self._repeats = _compiled_repeats if use_c else _repeats
         self._counters: dict[str, Any] = {}
 
     def __call__(self, record: RequestRecord) -> None:
         queries = record.queries
         if queries is None or len(queries) < self._minimum:
             return
-        # Keyed by id(code): the request's queries hold their code objects, and
-        # hashing a code object hashes all its bytecode (see db/callsite.py).
-        groups: dict[tuple[str, int, int], list[Any]] = {}
-        for query in queries:
-            if query.shape.control:
-                continue
-            # The capture stopped at the loop frame when there is one: it is the last site.
-            site = query.sites[-1] if query.sites else None
-            key = (
-                (query.shape.fingerprint, 0, 0)
-                if site is None
-                else (query.shape.fingerprint, id(site[0]), site[2])
-            )
-            group = groups.get(key)
-            if group is None:
-                groups[key] = [query]
-            else:
-                group.append(query)
-        for (fingerprint, _code, _line), group in groups.items():
-            if len(group) >= self._minimum and not all(q.shape.batched for q in group):
-                self._report(record, fingerprint, group)
+        for fingerprint, group in self._repeats(queries, self._minimum):
+            self._report(record, fingerprint, group)
 
     def _report(self, record: RequestRecord, fingerprint: str, group: list[Any]) -> None:
         # APSW's trace gives no parameters: without them a repeat is never called identical.
