@@ -235,7 +235,18 @@ class Agent:
         record: RequestRecord | None,
         extra: dict[str, Any] | None = None,
     ) -> None:
-        """A finding: in the log every time; on the trace and to the console when fresh.
+        """A finding: in the log every time; on the trace and to the console when fresh."""
+        self.log.warning(kind, **fields)
+        self.publish(kind, fields, record, extra)
+
+    def publish(
+        self,
+        kind: str,
+        fields: dict[str, Any],
+        record: RequestRecord | None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """``report`` but the log line, for a detector that logged it itself.
 
         Query findings (N+1, duplicates) repeat on every request of a route until
         the code is fixed; after the first, the same finding (kind, route, query
@@ -243,7 +254,6 @@ class Agent:
         ``REPEAT_EVERY_S``, with ``repeats`` counting what was folded in, so the
         console's occurrence totals stay exact without a trace per request.
         """
-        self.log.warning(kind, **fields)
         if kind in _THROTTLED:
             key = (kind, fields.get("route"), fields.get("fingerprint"), fields.get("callsite"))
             now = perf_counter()

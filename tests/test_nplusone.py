@@ -396,3 +396,39 @@ def test_the_compiled_grouping_matches_the_python_one():
             ]
             if n >= minimum
         ]
+
+
+@pytest.mark.parametrize("log_format", ["console", "json"])
+def test_a_prepared_finding_line_is_the_line_the_logger_writes(log_format):
+    """The N+1 detector logs a repeating finding through ``EventLog.prepare``: each
+    line must be exactly what ``warning()`` writes for the same fields (quoting,
+    braces, escapes, None, bools, NaN, key order), timestamps aside."""
+    import io
+
+    from perfagent.export.logs import VARIES, make_logger
+
+    stream = io.StringIO()
+    log = make_logger(log_format, stream)
+    fixed = {
+        "route": "/items/{item_id}",
+        "method": "GET",
+        "fingerprint": "SELECT name FROM item WHERE id=? AND n='{x}' é \\ \"q\"",
+        "callsite": None,
+        "advice": 'fetch "them" together\nbefore the loop',
+    }
+    varies = ("count", "total_ms", "trace_id", "distinct_parameters")
+    emit = log.prepare("warning", "n_plus_one", **fixed, **dict.fromkeys(varies, VARIES))
+    cases = [
+        (10, 0.047, "ab" * 16, 10),
+        (3, 12.5, 'cd é"x', None),
+        (True, float("nan"), None, [1, "a"]),
+    ]
+    for values in cases:
+        emit(*values)
+        log.warning("n_plus_one", **fixed, **dict(zip(varies, values, strict=True)))
+    lines = [
+        re.sub(r"\d{4}-\d\d-\d\dT[\d:.]+Z", "TIME", line) for line in stream.getvalue().splitlines()
+    ]
+    assert len(lines) == 2 * len(cases)
+    for prepared, generic in zip(lines[0::2], lines[1::2], strict=True):
+        assert prepared == generic

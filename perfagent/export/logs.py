@@ -22,6 +22,7 @@ The app's own structlog or logging configuration is neither read nor changed.
 from __future__ import annotations
 
 import json
+import json.encoder
 import os
 import re
 import sys
@@ -52,6 +53,8 @@ class _Clock:
         return f"{self._text}.{int((now - second) * 1e6):06d}Z"
 
 
+#: What ``json`` itself writes a str as (with ensure_ascii=False).
+_json_string = json.encoder.encode_basestring
 _PLAIN = re.compile(r"[^\s='\"\\]+")
 
 
@@ -76,9 +79,15 @@ def _pairs(event_dict: dict[str, Any], known: dict[tuple[str, str], str]) -> str
                     known.clear()
                 text = known[(key, value)] = f"{key}={_value(value)}"
         else:
-            text = f"{key}={_value(value)}"
+            text = _pair(key, value)
         parts.append(text)
     return " ".join(parts)
+
+
+def _pair(key: str, value: Any) -> str:
+    if key == "trace_id" and value.__class__ is str:
+        return f"trace_id={value}"  # 32 hex digits of our own: one token, no regex
+    return f"{key}={_value(value)}"
 
 
 class ConsoleLine:
@@ -92,16 +101,47 @@ class ConsoleLine:
 
     def __call__(self, level: str, event: str, fields: dict[str, Any]) -> str:
         stack = fields.pop("stack", None)
-        label = f"[{level:<9}]"
-        if self._colors:
-            label = f"{_COLORS.get(level, '')}{label}{_RESET}"
         pairs = _pairs(fields, self._known)
-        line = f"{self._clock.now()} {label} {event:<30} [{_LOGGER_NAME}] {pairs}"
+        line = f"{self._clock.now()} {self._head(level, event)}{pairs}"
         if isinstance(stack, list):
             line += "".join(f"\n    {frame}" for frame in stack)
         elif stack is not None:
             line += f"\n{stack}"
         return line
+
+    def _head(self, level: str, event: str) -> str:
+        label = f"[{level:<9}]"
+        if self._colors:
+            label = f"{_COLORS.get(level, '')}{label}{_RESET}"
+        return f"{label} {event:<30} [{_LOGGER_NAME}] "
+
+    def prepare(self, level: str, event: str, fields: dict[str, Any]) -> Any:
+        """``render(values)`` for lines whose ``fields`` repeat but for the keys whose
+        value is ``VARIES``, given in that order: the same line ``__call__`` renders."""
+        head = self._head(level, event)
+        parts: list[str] = []
+        slots: list[tuple[int, str]] = []
+        for key, value in sorted(fields.items()):
+            if value is VARIES:
+                slots.append((len(parts), key))
+                parts.append("")
+            else:
+                parts.append(_pair(key, value))
+        order = [key for key in fields if fields[key] is VARIES]
+        slots.sort(key=lambda slot: order.index(slot[1]))
+        clock = self._clock
+
+        def render(values: tuple) -> str:
+            line = parts.copy()
+            for (index, key), value in zip(slots, values, strict=True):
+                line[index] = _pair(key, value)
+            return f"{clock.now()} {head}{' '.join(line)}"
+
+        return render
+
+
+#: In ``EventLog.prepare``'s fields: the value is given at each event.
+VARIES: Any = type("Varies", (), {"__repr__": lambda self: "VARIES"})()
 
 
 class JsonLine:
@@ -117,6 +157,35 @@ class JsonLine:
         fields["timestamp"] = self._clock.now()
         fields.setdefault("logger", _LOGGER_NAME)
         return self._encode(fields)
+
+    def prepare(self, level: str, event: str, fields: dict[str, Any]) -> Any:
+        """As ``ConsoleLine.prepare``: each fixed ``"key": value`` is encoded once."""
+        encode = self._encode
+        parts: list[str] = []
+        slots: list[int] = []
+        for key, value in fields.items():
+            if value is VARIES:
+                slots.append(len(parts))
+                parts.append(encode(key) + ": ")
+            else:
+                parts.append(encode({key: value})[1:-1])
+        tail = encode({"event": event, "level": level})[1:-1]
+        logger = "" if "logger" in fields else ', "logger": ' + encode(_LOGGER_NAME)
+        clock = self._clock
+
+        def render(values: tuple) -> str:
+            line = parts.copy()
+            for index, value in zip(slots, values, strict=True):
+                cls = value.__class__
+                if cls is str:
+                    line[index] += _json_string(value)
+                elif cls is int or value is None:
+                    line[index] += "null" if value is None else int.__repr__(value)
+                else:
+                    line[index] += encode(value)
+            return f'{{{", ".join(line)}, {tail}, "timestamp": "{clock.now()}"{logger}}}'
+
+        return render
 
 
 class EventLog:
@@ -138,6 +207,23 @@ class EventLog:
         with self._lock:
             self._stream.write(line)
             self._stream.flush()
+
+    def prepare(self, level: str, event: str, **fields: Any) -> Any:
+        """``emit(*values)`` for an event logged again and again with the same fields
+        but those given as ``VARIES`` (their values, in order, at each call).
+
+        A finding that repeats on every request of a route repeats its route,
+        query, call site and advice: those are rendered once here.
+        """
+        render = self._render.prepare(level, event, fields)
+
+        def emit(*values: Any) -> None:
+            line = render(values) + "\n"
+            with self._lock:
+                self._stream.write(line)
+                self._stream.flush()
+
+        return emit
 
     def info(self, event: str, **fields: Any) -> None:
         self._emit("info", event, fields)
