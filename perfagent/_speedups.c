@@ -21,6 +21,9 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stddef.h>
+#if PY_VERSION_HEX < 0x030B0000
+#include <frameobject.h> /* PyFrame_GetBack: in Python.h from 3.11 */
+#endif
 
 static PyObject *str_done, *str_queries, *str_db_time;
 
