@@ -664,8 +664,127 @@ fail:
     return NULL;
 }
 
+/* entry[index] += 1, entry being a list of ints; -1 on error. */
+static int
+increment(PyObject *entry, Py_ssize_t index)
+{
+    long long count = PyLong_AsLongLong(PyList_GET_ITEM(entry, index));
+    if (count == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    PyObject *value = PyLong_FromLongLong(count + 1);
+    return value == NULL ? -1 : PyList_SetItem(entry, index, value);
+}
+
+/* The table's entry for (system, operation), made if new: a new reference, or NULL. */
+static PyObject *
+histogram_entry(PyObject *table, PyObject *system, PyObject *operation, Py_ssize_t width)
+{
+    PyObject *key = PyTuple_Pack(2, system, operation);
+    if (key == NULL) {
+        return NULL;
+    }
+    PyObject *entry = PyDict_GetItemWithError(table, key);
+    if (entry != NULL) {
+        Py_INCREF(entry);
+    }
+    else if (!PyErr_Occurred()) {
+        entry = PyList_New(width + 1);
+        for (Py_ssize_t j = 0; entry != NULL && j <= width; j++) {
+            PyObject *zero = j < width ? PyLong_FromLong(0) : PyFloat_FromDouble(0.0);
+            if (zero == NULL) {
+                Py_CLEAR(entry);
+                break;
+            }
+            PyList_SET_ITEM(entry, j, zero);
+        }
+        if (entry != NULL && PyDict_SetItem(table, key, entry) < 0) {
+            Py_CLEAR(entry);
+        }
+    }
+    Py_DECREF(key);
+    if (entry != NULL && (!PyList_CheckExact(entry) || PyList_GET_SIZE(entry) != width + 1)) {
+        PyErr_SetString(PyExc_ValueError, "a histogram entry of another width");
+        Py_CLEAR(entry);
+    }
+    return entry;
+}
+
+/*
+ * ``observe_queries(table, bounds, queries)``: each query's duration into the
+ * per-thread histogram table of ``db_client_operation_duration_seconds``,
+ * keyed by (db system, operation), as ``RequestStats.observe_queries`` does in
+ * Python: entry = [count per bucket ..., +Inf count, sum]; ``bounds`` is a
+ * tuple of floats. Measured on the 11-query route: ~25,000 instructions per
+ * request in Python (a bisect over Python floats and a key tuple per query).
+ */
+static PyObject *
+observe_queries(PyObject *module, PyObject *args)
+{
+    PyObject *table, *bounds, *queries;
+    if (!PyArg_ParseTuple(args, "O!O!O!:observe_queries", &PyDict_Type, &table, &PyTuple_Type,
+                          &bounds, &PyList_Type, &queries)) {
+        return NULL;
+    }
+    Py_ssize_t width = PyTuple_GET_SIZE(bounds) + 1;
+    for (Py_ssize_t i = 0; i < width - 1; i++) {
+        if (!PyFloat_CheckExact(PyTuple_GET_ITEM(bounds, i))) {
+            PyErr_SetString(PyExc_TypeError, "bounds must be a tuple of floats");
+            return NULL;
+        }
+    }
+    PyObject *last_system = NULL, *last_operation = NULL, *entry = NULL;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(queries); i++) {
+        PyObject *query = PyList_GET_ITEM(queries, i);
+        PyObject *shape = PyTuple_Check(query) && PyTuple_GET_SIZE(query) >= 9
+                              ? PyTuple_GET_ITEM(query, 2)
+                              : NULL;
+        if (shape == NULL || !PyTuple_Check(shape) || PyTuple_GET_SIZE(shape) < 4) {
+            PyErr_SetString(PyExc_TypeError, "observe_queries() takes a list of Query");
+            goto fail;
+        }
+        PyObject *system = PyTuple_GET_ITEM(query, 0), *operation = PyTuple_GET_ITEM(shape, 1);
+        if (entry == NULL || system != last_system || operation != last_operation) {
+            Py_XSETREF(entry, histogram_entry(table, system, operation, width));
+            if (entry == NULL) {
+                goto fail;
+            }
+            last_system = system;
+            last_operation = operation;
+        }
+        double duration = PyFloat_AsDouble(PyTuple_GET_ITEM(query, 5));
+        if (duration == -1.0 && PyErr_Occurred()) {
+            goto fail;
+        }
+        Py_ssize_t low = 0, high = width - 1; /* bisect_left over the bounds */
+        while (low < high) {
+            Py_ssize_t middle = (low + high) / 2;
+            if (PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(bounds, middle)) < duration) {
+                low = middle + 1;
+            }
+            else {
+                high = middle;
+            }
+        }
+        if (increment(entry, low) < 0) {
+            goto fail;
+        }
+        double sum = PyFloat_AsDouble(PyList_GET_ITEM(entry, width));
+        PyObject *total = sum == -1.0 && PyErr_Occurred() ? NULL : PyFloat_FromDouble(sum + duration);
+        if (total == NULL || PyList_SetItem(entry, width, total) < 0) {
+            goto fail;
+        }
+    }
+    Py_XDECREF(entry);
+    Py_RETURN_NONE;
+fail:
+    Py_XDECREF(entry);
+    return NULL;
+}
+
 static PyMethodDef speedups_functions[] = {
     {"repeats", repeats, METH_VARARGS, "The N+1 detector's grouping of a request's queries."},
+    {"observe_queries", observe_queries, METH_VARARGS, "Query durations into a histogram table."},
     {NULL, NULL, 0, NULL},
 };
 

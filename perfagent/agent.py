@@ -43,6 +43,7 @@ class Agent:
         self.running = True
         self.log = make_logger(settings.log_format)
         self.metrics = Metrics(CollectorRegistry(auto_describe=False))
+        self.metrics.stats.compiled = settings.compiled_hooks
         self.patches: list[Patch] = []
         self.import_hooks: list[PostImportHooks] = []
         self.apps: list[Any] = []  # apps given to init(app), to undo on shutdown

@@ -432,3 +432,37 @@ def test_a_prepared_finding_line_is_the_line_the_logger_writes(log_format):
     assert len(lines) == 2 * len(cases)
     for prepared, generic in zip(lines[0::2], lines[1::2], strict=True):
         assert prepared == generic
+
+
+def test_the_compiled_query_histogram_matches_the_python_one():
+    """_speedups.observe_queries against RequestStats' Python loop: the same buckets
+    (bounds included, as bisect_left puts them) and sums, per (system, operation)."""
+    from perfagent.db.capture import Query
+    from perfagent.db.fingerprint import Fingerprints
+    from perfagent.export import stats as stats_module
+    from perfagent.export.metrics import DB_BUCKETS
+    from perfagent.export.stats import Buffered, RequestStats
+
+    assert stats_module._observe_queries is not None, "perfagent/_speedups.c was not built"
+
+    shape = Fingerprints()
+    durations = [0.0, 0.0004, 0.0005, 0.00051, 0.003, 0.3, 1.0, 9.99, 10.0, 42.0]
+    statements = ["SELECT 1", "INSERT INTO t VALUES (?)", "SELECT 2", "UPDATE t SET a=?"]
+    queries = [
+        Query(system, sql, shape(sql), None, 0.0, duration, 0, (), None)
+        for system in ("sqlite", "postgresql")
+        for sql in statements
+        for duration in durations
+    ]
+    tables = []
+    for compiled in (False, True):
+        stats = RequestStats(None, [Buffered(None, DB_BUCKETS)])
+        stats.compiled = compiled
+        stats.observe_queries(0, queries)
+        stats.observe_queries(0, queries[:7])
+        tables.append(stats.buffer().tables[0])
+    python, c = tables
+    assert c == python
+    select = python[("sqlite", "SELECT")]  # two statements, then the first seven again
+    assert len(python) == 6 and select[-1] == pytest.approx(2 * sum(durations) + sum(durations[:7]))
+    assert sum(select[:-1]) == 27 and select[0] == 3 * 3  # 0, 0.0004, 0.0005 (a bound is le)

@@ -21,6 +21,11 @@ from bisect import bisect_left
 from collections.abc import Sequence
 from typing import Any
 
+try:  # built by pip where a C compiler is found (perfagent/_speedups.c)
+    from perfagent._speedups import observe_queries as _observe_queries
+except ImportError:
+    _observe_queries = None
+
 
 class Buffered:
     """One prometheus-client histogram, fed through per-thread buffers."""
@@ -28,6 +33,7 @@ class Buffered:
     def __init__(self, histogram: Any, bounds: Sequence[float]) -> None:
         self.histogram = histogram
         self.bounds = list(bounds)
+        self.float_bounds = tuple(float(bound) for bound in bounds)
         self.width = len(self.bounds) + 1
         self.children: dict[tuple, Any] = {}
 
@@ -48,6 +54,8 @@ class RequestStats:
     """The request histograms (by slot number) and the in-flight gauge."""
 
     def __init__(self, gauge: Any, histograms: Sequence[Buffered]) -> None:
+        #: Whether the C version of ``observe_queries`` may be used (PERFAGENT_COMPILED_HOOKS).
+        self.compiled = True
         self._gauge = gauge
         self._histograms = list(histograms)
         self._local = threading.local()
@@ -95,9 +103,13 @@ class RequestStats:
 
     def observe_queries(self, slot: int, queries: list[Any]) -> None:
         """Each query's duration, keyed by (db system, operation): ``observe`` inlined
-        for the queries of a request (measured: 0.40 -> 0.27 µs per query)."""
+        for the queries of a request (measured: 0.40 -> 0.27 µs per query), in C
+        where it was built (``_speedups.observe_queries``)."""
         table = self.buffer().tables[slot]
         histogram = self._histograms[slot]
+        if self.compiled and _observe_queries is not None:
+            _observe_queries(table, histogram.float_bounds, queries)
+            return
         bounds = histogram.bounds
         for query in queries:
             key = (query.system, query.shape.operation)
