@@ -238,35 +238,44 @@ class Agent:
     ) -> None:
         """A finding: in the log every time; on the trace and to the console when fresh."""
         self.log.warning(kind, **fields)
-        self.publish(kind, fields, record, extra)
+        if kind in _THROTTLED:
+            key = (kind, fields.get("route"), fields.get("fingerprint"), fields.get("callsite"))
+            repeats = self.fresh(key)
+            if repeats is None:
+                return
+            if repeats:
+                fields = {**fields, "repeats": repeats}
+        self.send(kind, fields, record, extra)
 
-    def publish(
+    def fresh(self, key: tuple) -> int | None:
+        """For a query finding (kind, route, fingerprint, call site): None while it was
+        exported less than ``REPEAT_EVERY_S`` ago (this one is folded in), else how
+        many occurrences the export stands for (0: just this one).
+
+        Query findings (N+1, duplicates) repeat on every request of a route until
+        the code is fixed; after the first, the same finding is exported and keeps
+        its trace at most once per ``REPEAT_EVERY_S``, with ``repeats`` counting
+        what was folded in, so the console's occurrence totals stay exact without a
+        trace per request.
+        """
+        now = perf_counter()
+        seen = self._recent.get(key)
+        if seen is not None and now - seen[0] < REPEAT_EVERY_S:
+            seen[1] += 1
+            return None
+        if len(self._recent) >= 10_000:
+            self._recent.clear()
+        self._recent[key] = [now, 0]
+        return seen[1] + 1 if seen is not None and seen[1] else 0
+
+    def send(
         self,
         kind: str,
         fields: dict[str, Any],
         record: RequestRecord | None,
         extra: dict[str, Any] | None = None,
     ) -> None:
-        """``report`` but the log line, for a detector that logged it itself.
-
-        Query findings (N+1, duplicates) repeat on every request of a route until
-        the code is fixed; after the first, the same finding (kind, route, query
-        shape, call site) is exported and keeps its trace at most once per
-        ``REPEAT_EVERY_S``, with ``repeats`` counting what was folded in, so the
-        console's occurrence totals stay exact without a trace per request.
-        """
-        if kind in _THROTTLED:
-            key = (kind, fields.get("route"), fields.get("fingerprint"), fields.get("callsite"))
-            now = perf_counter()
-            seen = self._recent.get(key)
-            if seen is not None and now - seen[0] < REPEAT_EVERY_S:
-                seen[1] += 1
-                return
-            if len(self._recent) >= 10_000:
-                self._recent.clear()
-            self._recent[key] = [now, 0]
-            if seen is not None and seen[1]:
-                fields = {**fields, "repeats": seen[1] + 1}
+        """A finding onto its request's trace and to the console."""
         if extra:
             fields = {**fields, **extra}
         if record is not None:

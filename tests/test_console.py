@@ -117,6 +117,36 @@ def test_findings_link_to_their_trace(servers, tmp_path):
     assert requests.get(console.base + "/api/findings?kind=bogus", timeout=5).status_code == 422
 
 
+def test_a_repeating_n_plus_one_keeps_exact_occurrences(servers, tmp_path):
+    """The same N+1 on every request is exported once per 10 s with the repeats
+    folded in since: the console's occurrences still count every request. The
+    export after the pause goes out on a kept-alive connection that the console
+    closed meanwhile (uvicorn does after 5 s idle): it must be sent again, not lost."""
+    console = start_console(servers, tmp_path)
+    port = free_port()
+    argv = [*PERFAGENT, "run", "--metrics-port", "0", "--console-url", console.base]
+    argv += ["--", "uvicorn", "db_app:app", "--port", str(port)]
+    env = clean_env(
+        DB_PATH=str(tmp_path / "app.sqlite"), PG_DSN="", PERFAGENT_EXPORT_INTERVAL_S="0.5"
+    )
+    app = servers(argv, port, env)
+    app.wait_listening()
+
+    def n_plus_one():
+        return requests.get(console.base + "/api/findings?kind=n_plus_one", timeout=5).json()
+
+    for _ in range(4):
+        assert app.get("/raw/nplusone").status_code == 200
+    assert app.output().count("n_plus_one") >= 4  # logged every time
+    first = poll(n_plus_one, lambda f: bool(f))
+    time.sleep(1.0)  # nothing more comes within the 10 s: three requests wait to be folded in
+    assert [f["occurrences"] for f in n_plus_one()] == [1], first
+    time.sleep(10.0)
+    assert app.get("/raw/nplusone").status_code == 200
+    found = poll(n_plus_one, lambda f: f and f[0]["occurrences"] == 5)
+    assert [(f["route"], f["occurrences"], f["count"]) for f in found] == [("/raw/nplusone", 5, 10)]
+
+
 def _span_request(**overrides) -> ExportTraceServiceRequest:
     fields = {
         "trace_id": bytes.fromhex("0af7651916cd43dd8448eb211c80319c"),

@@ -99,6 +99,9 @@ class NPlusOneDetector:
         finding.emit(count, total_ms, trace_id, distinct_parameters)
         if finding.counter is not None:
             finding.counter.inc()
+        repeats = self._agent.fresh(finding.key)
+        if repeats is None:
+            return  # exported a moment ago: folded into the next export's repeats
         fields: dict[str, Any] = {
             "route": finding.route,
             "method": record.method,
@@ -111,7 +114,9 @@ class NPlusOneDetector:
             "distinct_parameters": distinct_parameters,
             "advice": finding.advice,
         }
-        self._agent.publish(kind, fields, record)
+        if repeats:
+            fields["repeats"] = repeats
+        self._agent.send(kind, fields, record)
 
     def _finding(
         self, kind: str, record: RequestRecord, fingerprint: str, first: Any, lazy: str | None
@@ -153,7 +158,9 @@ class NPlusOneDetector:
         )
         if len(self._findings) >= 4096:
             self._findings.clear()
-        finding = self._findings[key] = _Finding(sites, route, callsite, advice, counter, emit)
+        finding = self._findings[key] = _Finding(
+            sites, route, callsite, advice, counter, emit, (kind, route, fingerprint, callsite)
+        )
         return finding
 
 
@@ -166,6 +173,8 @@ class _Finding(NamedTuple):
     advice: str
     counter: Any
     emit: Any
+    #: Its key in ``Agent.fresh``.
+    key: tuple
 
 
 def _advice(kind: str, lazy: str | None) -> str:

@@ -75,18 +75,25 @@ class _Target:
         self.retry_at = 0.0
 
     def post(self, body: bytes) -> bool:
-        try:
-            if self._conn is None:
-                cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-                self._conn = cls(self._host, self._port, timeout=TIMEOUT_S)
-            self._conn.request("POST", self._path, body=body, headers=self._headers)
-            response = self._conn.getresponse()
-            response.read()
-            ok = 200 <= response.status < 300
-            retry = response.status in (429, 502, 503, 504)
-        except (OSError, http.client.HTTPException):
-            self.close()
-            ok, retry = False, True
+        ok, retry = False, True
+        for _ in range(2):
+            # A kept-alive connection the server closed while idle (uvicorn does after
+            # 5 s) fails at once: such a post goes again, once, on a new connection.
+            reused = self._conn is not None
+            try:
+                if self._conn is None:
+                    cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+                    self._conn = cls(self._host, self._port, timeout=TIMEOUT_S)
+                self._conn.request("POST", self._path, body=body, headers=self._headers)
+                response = self._conn.getresponse()
+                response.read()
+                ok = 200 <= response.status < 300
+                retry = response.status in (429, 502, 503, 504)
+                break
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                if not reused or isinstance(exc, TimeoutError):
+                    break
         if ok:
             self._failures = 0
         elif retry:

@@ -20,10 +20,12 @@ def install(module: ModuleType, patches: list[Patch]) -> None:
     """Post-import hook for ``anyio.to_thread``."""
     original = module.run_sync
 
-    async def run_sync(func: Any, *args: Any, **kwargs: Any) -> Any:
+    # A plain function returning anyio's coroutine, not a coroutine of its own: one
+    # frame less each time the awaiting task resumes (as the ASGI adapter's send).
+    def run_sync(func: Any, *args: Any, **kwargs: Any) -> Any:
         record = current.get()
         if record is None or record.done:
-            return await original(func, *args, **kwargs)
+            return original(func, *args, **kwargs)
         queued = perf_counter()
 
         def started(*inner: Any) -> Any:
@@ -31,6 +33,6 @@ def install(module: ModuleType, patches: list[Patch]) -> None:
             record.thread_wait = waited if record.thread_wait < 0 else record.thread_wait + waited
             return func(*inner)
 
-        return await original(started, *args, **kwargs)
+        return original(started, *args, **kwargs)
 
     patches.append(Patch(module, "run_sync", run_sync))
