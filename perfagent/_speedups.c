@@ -5,8 +5,7 @@
  *
  * Why C: in Python, the wrapper around ``Connection.execute`` and the call to
  * ``QueryCapture.add`` cost ~12,000 instructions per query (callgrind, a view
- * issuing 11 SELECTs by primary key, each ~16,600 on its own); in C, ~4,700,
- * most of it the cursor of our subclass that the driver makes and frees. This file does the same work for the
+ * issuing 11 SELECTs by primary key, each ~16,600 on its own); in C, ~4,700. This file does the same work for the
  * common case; see ``SqlHook_vectorcall`` for what it is. Everything else
  * (a statement seen for the first time, a call site not yet cached, bytes
  * statements, keyword arguments) goes to the Python code in
