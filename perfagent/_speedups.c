@@ -479,41 +479,26 @@ SqlHook_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     return (PyObject *)self;
 }
 
+/* Every object a hook holds, for traverse and clear. */
+#define SQLHOOK_OBJECTS(X)                                                                   \
+    X(run) X(make_cursor) X(cursor_class) X(system) X(no_params) X(current) X(perf_counter) \
+        X(slow_add) X(shapes) X(kinds) X(loops) X(at_loop) X(query_type)
+
 static int
 SqlHook_traverse(SqlHook *self, visitproc visit, void *arg)
 {
-    Py_VISIT(self->run);
-    Py_VISIT(self->make_cursor);
-    Py_VISIT(self->cursor_class);
-    Py_VISIT(self->system);
-    Py_VISIT(self->no_params);
-    Py_VISIT(self->current);
-    Py_VISIT(self->perf_counter);
-    Py_VISIT(self->slow_add);
-    Py_VISIT(self->shapes);
-    Py_VISIT(self->kinds);
-    Py_VISIT(self->loops);
-    Py_VISIT(self->at_loop);
-    Py_VISIT(self->query_type);
+#define VISIT(name) Py_VISIT(self->name);
+    SQLHOOK_OBJECTS(VISIT)
+#undef VISIT
     return 0;
 }
 
 static int
 SqlHook_clear(SqlHook *self)
 {
-    Py_CLEAR(self->run);
-    Py_CLEAR(self->make_cursor);
-    Py_CLEAR(self->cursor_class);
-    Py_CLEAR(self->system);
-    Py_CLEAR(self->no_params);
-    Py_CLEAR(self->current);
-    Py_CLEAR(self->perf_counter);
-    Py_CLEAR(self->slow_add);
-    Py_CLEAR(self->shapes);
-    Py_CLEAR(self->kinds);
-    Py_CLEAR(self->loops);
-    Py_CLEAR(self->at_loop);
-    Py_CLEAR(self->query_type);
+#define CLEAR(name) Py_CLEAR(self->name);
+    SQLHOOK_OBJECTS(CLEAR)
+#undef CLEAR
     return 0;
 }
 
@@ -550,6 +535,21 @@ static PyTypeObject SqlHookType = {
     .tp_new = SqlHook_new,
 };
 
+/* A Query's Shape (fingerprint, operation, batched, control), borrowed; NULL with
+ * TypeError set when ``query`` is not one. */
+static PyObject *
+shape_of(PyObject *query)
+{
+    PyObject *shape = PyTuple_Check(query) && PyTuple_GET_SIZE(query) >= 9
+                          ? PyTuple_GET_ITEM(query, 2)
+                          : NULL;
+    if (shape == NULL || !PyTuple_Check(shape) || PyTuple_GET_SIZE(shape) < 4) {
+        PyErr_SetString(PyExc_TypeError, "expected a list of perfagent Query tuples");
+        return NULL;
+    }
+    return shape;
+}
+
 /*
  * ``repeats(queries, minimum)``: the N+1 detector's grouping (see
  * ``perfagent/detectors/nplusone.py``, whose ``_repeats`` is the reference):
@@ -574,11 +574,8 @@ repeats(PyObject *module, PyObject *args)
     }
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(queries); i++) {
         PyObject *query = PyList_GET_ITEM(queries, i);
-        PyObject *shape = PyTuple_Check(query) && PyTuple_GET_SIZE(query) >= 9
-                              ? PyTuple_GET_ITEM(query, 2)
-                              : NULL;
-        if (shape == NULL || !PyTuple_Check(shape) || PyTuple_GET_SIZE(shape) < 4) {
-            PyErr_SetString(PyExc_TypeError, "repeats() takes a list of Query");
+        PyObject *shape = shape_of(query);
+        if (shape == NULL) {
             goto fail;
         }
         int control = PyObject_IsTrue(PyTuple_GET_ITEM(shape, 3));
@@ -734,11 +731,8 @@ observe_queries(PyObject *module, PyObject *args)
     PyObject *last_system = NULL, *last_operation = NULL, *entry = NULL;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(queries); i++) {
         PyObject *query = PyList_GET_ITEM(queries, i);
-        PyObject *shape = PyTuple_Check(query) && PyTuple_GET_SIZE(query) >= 9
-                              ? PyTuple_GET_ITEM(query, 2)
-                              : NULL;
-        if (shape == NULL || !PyTuple_Check(shape) || PyTuple_GET_SIZE(shape) < 4) {
-            PyErr_SetString(PyExc_TypeError, "observe_queries() takes a list of Query");
+        PyObject *shape = shape_of(query);
+        if (shape == NULL) {
             goto fail;
         }
         PyObject *system = PyTuple_GET_ITEM(query, 0), *operation = PyTuple_GET_ITEM(shape, 1);

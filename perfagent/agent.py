@@ -245,7 +245,7 @@ class Agent:
                 return
             if repeats:
                 fields = {**fields, "repeats": repeats}
-        self.send(kind, fields, record, extra)
+        self.send(kind, {**fields, **extra} if extra else fields, record)
 
     def fresh(self, key: tuple) -> int | None:
         """For a query finding (kind, route, fingerprint, call site): None while it was
@@ -268,16 +268,8 @@ class Agent:
         self._recent[key] = [now, 0]
         return seen[1] + 1 if seen is not None and seen[1] else 0
 
-    def send(
-        self,
-        kind: str,
-        fields: dict[str, Any],
-        record: RequestRecord | None,
-        extra: dict[str, Any] | None = None,
-    ) -> None:
+    def send(self, kind: str, fields: dict[str, Any], record: RequestRecord | None) -> None:
         """A finding onto its request's trace and to the console."""
-        if extra:
-            fields = {**fields, **extra}
         if record is not None:
             record.add_finding(kind, fields)
         self.exporter.submit_finding(kind, fields, record)
