@@ -18,10 +18,10 @@ callgrind: within about 0.3 % from run to run whatever else the machine is
 doing (the head sample still picks different requests), where wall-clock
 ratios here move by ±0.03, more than most single changes to the hot path.
 Each side runs twice, with N and 5N requests, and the difference is divided
-by 4N, so start-up and the warm-up cancel out. The
-agent's clock-driven work (its thread, the loop watchdog) is stopped for the
-count: valgrind makes every request some fifty times slower, so that work would
-weigh fifty times too much per request.
+by 4N, so start-up and the warm-up cancel out. The agent's clock-driven work
+(its thread, the loop watchdog) is stopped for the count: valgrind makes every
+request some fifty times slower, so that work would weigh fifty times too much
+per request.
 """
 
 from __future__ import annotations
