@@ -659,6 +659,76 @@ fail:
     return NULL;
 }
 
+/*
+ * ``summary(group)``: (distinct parameter sets or None when none are known,
+ * whether every repeat was identical, the lazy-loaded attribute or None, total
+ * seconds) of one group of repeats, as ``_summary`` in
+ * ``perfagent/detectors/nplusone.py``; NotImplemented when a parameter set
+ * cannot be hashed (that function then falls back to their repr).
+ */
+static PyObject *
+summary(PyObject *module, PyObject *group)
+{
+    if (!PyList_Check(group)) {
+        PyErr_SetString(PyExc_TypeError, "summary() takes a list of Query");
+        return NULL;
+    }
+    PyObject *seen = PySet_New(NULL);
+    if (seen == NULL) {
+        return NULL;
+    }
+    Py_ssize_t known = 0, size = PyList_GET_SIZE(group);
+    PyObject *lazy = Py_None;
+    double total = 0.0;
+    for (Py_ssize_t i = 0; i < size; i++) {
+        PyObject *query = PyList_GET_ITEM(group, i);
+        if (shape_of(query) == NULL) {
+            goto fail;
+        }
+        PyObject *system = PyTuple_GET_ITEM(query, 0), *params = PyTuple_GET_ITEM(query, 3);
+        /* APSW's trace gives no parameters (None, system "sqlite"): not known. */
+        if (params != Py_None || !PyUnicode_Check(system) ||
+            PyUnicode_CompareWithASCIIString(system, "sqlite") != 0) {
+            PyObject *pair = PyTuple_Pack(2, PyTuple_GET_ITEM(query, 1), params);
+            int added = pair == NULL ? -1 : PySet_Add(seen, pair);
+            Py_XDECREF(pair);
+            if (added < 0) {
+                if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+                    PyErr_Clear();
+                    Py_DECREF(seen);
+                    Py_RETURN_NOTIMPLEMENTED;
+                }
+                goto fail;
+            }
+            known++;
+        }
+        if (lazy == Py_None) {
+            int truth = PyObject_IsTrue(PyTuple_GET_ITEM(query, 8));
+            if (truth < 0) {
+                goto fail;
+            }
+            if (truth) {
+                lazy = PyTuple_GET_ITEM(query, 8);
+            }
+        }
+        double duration = PyFloat_AsDouble(PyTuple_GET_ITEM(query, 5));
+        if (duration == -1.0 && PyErr_Occurred()) {
+            goto fail;
+        }
+        total += duration;
+    }
+    Py_ssize_t distinct = PySet_GET_SIZE(seen);
+    Py_DECREF(seen);
+    int same = known > 0 && known == size && distinct == 1;
+    if (known) {
+        return Py_BuildValue("(nOOd)", distinct, same ? Py_True : Py_False, lazy, total);
+    }
+    return Py_BuildValue("(OOOd)", Py_None, same ? Py_True : Py_False, lazy, total);
+fail:
+    Py_DECREF(seen);
+    return NULL;
+}
+
 /* entry[index] += 1, entry being a list of ints; -1 on error. */
 static int
 increment(PyObject *entry, Py_ssize_t index)
@@ -777,6 +847,7 @@ fail:
 static PyMethodDef speedups_functions[] = {
     {"repeats", repeats, METH_VARARGS, "The N+1 detector's grouping of a request's queries."},
     {"observe_queries", observe_queries, METH_VARARGS, "Query durations into a histogram table."},
+    {"summary", summary, METH_O, "What one group of repeats says: distinct, identical, lazy, total."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -466,3 +466,37 @@ def test_the_compiled_query_histogram_matches_the_python_one():
     select = python[("sqlite", "SELECT")]  # two statements, then the first seven again
     assert len(python) == 6 and select[-1] == pytest.approx(2 * sum(durations) + sum(durations[:7]))
     assert sum(select[:-1]) == 27 and select[0] == 3 * 3  # 0, 0.0004, 0.0005 (a bound is le)
+
+
+def test_the_compiled_group_summary_matches_the_python_one():
+    """_speedups.summary against _summary: distinct parameter sets (APSW's queries
+    carry none), identical repeats, the lazy-loaded attribute, the total; and
+    NotImplemented, for the Python fallback, on parameters that cannot be hashed."""
+    from perfagent._speedups import summary
+
+    from perfagent.db.capture import Query
+    from perfagent.db.fingerprint import Fingerprints
+    from perfagent.detectors.nplusone import _summary
+
+    shape = Fingerprints()
+
+    def query(params, system="sqlite", lazy=None, sql="SELECT * FROM c WHERE p = ?"):
+        return Query(system, sql, shape(sql), params, 0.0, 0.0013, 0, (), lazy)
+
+    groups = {
+        "one per item": [query((i,)) for i in range(6)],
+        "identical": [query((7,)) for _ in range(6)],
+        "apsw, no parameters": [query(None) for _ in range(6)],
+        "postgresql, no parameters": [query(None, "postgresql") for _ in range(6)],
+        "some known": [query((1,)), *[query(None) for _ in range(5)]],
+        "lazy load": [query((i,), lazy="Post.comments" if i > 1 else None) for i in range(6)],
+        "inlined values": [query(None, sql=f"SELECT * FROM c WHERE p = {i}") for i in range(6)],
+    }
+    for name, group in groups.items():
+        assert summary(group) == _summary(group), name
+    assert summary(groups["identical"])[:2] == (1, True)
+    assert summary(groups["apsw, no parameters"])[:2] == (None, False)
+    assert summary(groups["lazy load"])[2] == "Post.comments"
+    unhashable = [query([i]) for i in range(6)]
+    assert summary(unhashable) is NotImplemented
+    assert _summary(unhashable)[:2] == (6, False)

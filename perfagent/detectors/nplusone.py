@@ -22,8 +22,9 @@ from perfagent.record import RequestRecord
 
 try:  # the grouping in C, built by pip where a C compiler is found (perfagent/_speedups.c)
     from perfagent._speedups import repeats as _compiled_repeats
+    from perfagent._speedups import summary as _compiled_summary
 except ImportError:
-    _compiled_repeats = None
+    _compiled_repeats = _compiled_summary = None
 
 
 def _repeats(queries: list[Any], minimum: int) -> list[tuple[str, list[Any]]]:
@@ -59,6 +60,21 @@ def _repeats(queries: list[Any], minimum: int) -> list[tuple[str, list[Any]]]:
 _duration = attrgetter("duration")
 
 
+def _summary(group: list[Any]) -> tuple[int | None, bool, str | None, float]:
+    """(distinct parameter sets or None when none are known, whether every repeat
+    was identical, the lazy-loaded attribute or None, total seconds) of one group;
+    ``summary`` in ``_speedups.c`` does the same in C."""
+    # APSW's trace gives no parameters: without them a repeat is never called identical.
+    known = [(q.sql, q.params) for q in group if q.params is not None or q.system != "sqlite"]
+    try:
+        distinct = len(set(known))
+    except TypeError:  # unhashable parameters (lists, dicts)
+        distinct = len({repr(k) for k in known})
+    same_each_time = bool(known) and len(known) == len(group) and distinct == 1
+    lazy = next((q.lazy for q in group if q.lazy), None)
+    return (distinct if known else None), same_each_time, lazy, sum(map(_duration, group))
+
+
 class NPlusOneDetector:
     def __init__(self, agent: Any, capture: Any) -> None:
         self._agent = agent
@@ -66,6 +82,7 @@ class NPlusOneDetector:
         self._minimum = agent.settings.nplusone_min
         use_c = capture.compiled and _compiled_repeats is not None
         self._repeats = _compiled_repeats if use_c else _repeats
+        self._summary = _compiled_summary if use_c else _summary
         self._findings: dict[tuple, _Finding] = {}
         self._counters: dict[str, Any] = {}
 
@@ -77,25 +94,16 @@ class NPlusOneDetector:
             self._report(record, fingerprint, group)
 
     def _report(self, record: RequestRecord, fingerprint: str, group: list[Any]) -> None:
-        # APSW's trace gives no parameters: without them a repeat is never called identical.
-        known = [(q.sql, q.params) for q in group if q.params is not None or q.system != "sqlite"]
-        try:
-            distinct = len(set(known))
-        except TypeError:  # unhashable parameters (lists, dicts)
-            distinct = len({repr(k) for k in known})
-        same_each_time = bool(known) and len(known) == len(group) and distinct == 1
+        summary = self._summary(group)
+        if summary is NotImplemented:  # the C version met parameters it cannot hash
+            summary = _summary(group)
+        distinct_parameters, same_each_time, lazy, total_s = summary
         kind = "duplicate_query" if same_each_time else "n_plus_one"
-        lazy = None
-        for query in group:
-            if query.lazy:
-                lazy = query.lazy
-                break
         first = group[0]
         finding = self._finding(kind, record, fingerprint, first, lazy)
         count = len(group)
-        total_ms = round(sum(map(_duration, group)) * 1000.0, 3)
+        total_ms = round(total_s * 1000.0, 3)
         trace_id = record.trace_id
-        distinct_parameters = distinct if known else None
         finding.emit(count, total_ms, trace_id, distinct_parameters)
         if finding.counter is not None:
             finding.counter.inc()
