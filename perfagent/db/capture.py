@@ -44,7 +44,7 @@ class QueryCapture:
     """Shared by every driver hook; one per agent."""
 
     def __init__(self, on_error: Any, compiled: bool = True) -> None:
-        #: Whether the sqlite3 hooks may be the C ones (``PERFAGENT_COMPILED_HOOKS``).
+        #: Whether the per-query work may run in C (``PERFAGENT_COMPILED_HOOKS``).
         self.compiled = compiled
         self.fingerprints = Fingerprints()
         self.frames = AppFrames()

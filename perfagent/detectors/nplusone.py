@@ -84,7 +84,6 @@ class NPlusOneDetector:
         self._repeats = _compiled_repeats if use_c else _repeats
         self._summary = _compiled_summary if use_c else _summary
         self._findings: dict[tuple, _Finding] = {}
-        self._counters: dict[str, Any] = {}
 
     def __call__(self, record: RequestRecord) -> None:
         queries = record.queries
@@ -143,11 +142,7 @@ class NPlusOneDetector:
         if finding is not None:
             return finding
         route = record.route or ""
-        counter = None
-        if kind == "n_plus_one":
-            counter = self._counters.get(route)
-            if counter is None:
-                counter = self._counters[route] = self._agent.metrics.n_plus_one.labels(route)
+        counter = self._agent.metrics.n_plus_one.labels(route) if kind == "n_plus_one" else None
         callsite = self._frames.callsite(first.sites)
         advice = _advice(kind, lazy)
         emit = self._agent.log.prepare(

@@ -202,11 +202,13 @@ class EventLog:
         self._stream = stream
         self._lock = threading.Lock()
 
-    def _emit(self, level: str, event: str, fields: dict[str, Any]) -> None:
-        line = self._render(level, event, fields) + "\n"
+    def _write(self, line: str) -> None:
         with self._lock:
             self._stream.write(line)
             self._stream.flush()
+
+    def _emit(self, level: str, event: str, fields: dict[str, Any]) -> None:
+        self._write(self._render(level, event, fields) + "\n")
 
     def prepare(self, level: str, event: str, **fields: Any) -> Any:
         """``emit(*values)`` for an event logged again and again with the same fields
@@ -216,12 +218,10 @@ class EventLog:
         query, call site and advice: those are rendered once here.
         """
         render = self._render.prepare(level, event, fields)
+        write = self._write
 
         def emit(*values: Any) -> None:
-            line = render(values) + "\n"
-            with self._lock:
-                self._stream.write(line)
-                self._stream.flush()
+            write(render(values) + "\n")
 
         return emit
 
