@@ -22,7 +22,7 @@ from perfagent.db.capture import QueryCapture
 from perfagent.detectors.nplusone import NPlusOneDetector
 from perfagent.detectors.regression import RegressionDetector
 from perfagent.export.exporter import Exporter
-from perfagent.export.logs import make_logger
+from perfagent.export.logs import WRITE_EVERY_S, make_logger
 from perfagent.export.metrics import Metrics, serving_registry, start_server
 from perfagent.patching import Patch, PostImportHooks
 from perfagent.profiling.sampler import StackSampler, summarize
@@ -59,6 +59,7 @@ class Agent:
         self._slow_routes = {route: ms / 1000.0 for route, ms in settings.slow_routes}
         self.sampler = Sampler.from_environment(settings.trace_sample)
         self.thread = AgentThread(self.internal_error)
+        self.thread.every(WRITE_EVERY_S, self._write_log)
         self.thread.every(1.0, self.metrics.stats.flush)
         self.exporter = Exporter(
             settings.console_url,
@@ -96,7 +97,7 @@ class Agent:
     # -- lifecycle ---------------------------------------------------------
 
     def start(self) -> None:
-        atexit.register(self.metrics.stats.flush)  # what the last second recorded
+        atexit.register(self._at_exit)
         if os.environ.get(RUNNER_ENV) or not self.settings.metrics_port:
             return
         registry = serving_registry(self.metrics, os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
@@ -119,9 +120,9 @@ class Agent:
         watchdog, self.loop_watchdog = self.loop_watchdog, None
         if watchdog is not None:
             watchdog.stop()
-        atexit.unregister(self.metrics.stats.flush)
+        atexit.unregister(self._at_exit)
         self.thread.stop()
-        self.metrics.stats.flush()
+        self._at_exit()
         self.exporter.close()
         for hooks in self.import_hooks:
             hooks.remove()
@@ -136,6 +137,18 @@ class Agent:
             self._metrics_server.server_close()
             self._metrics_server = None
 
+    def _write_log(self) -> None:
+        """Agent-thread task: writes the queued log lines. From its first run until
+        the agent stops, log events queue for it rather than being written in place."""
+        self.log.deferred = self.running
+        self.log.write()
+
+    def _at_exit(self) -> None:
+        """What the last moments recorded: metrics merged, log lines written."""
+        self.log.deferred = False
+        self.log.write()
+        self.metrics.stats.flush()
+
     def after_fork_in_child(self) -> None:
         # The parent keeps serving /metrics; a forked worker must not try to.
         self._metrics_server = None
@@ -143,6 +156,7 @@ class Agent:
         self.loop_watch_pending = self.running
         self._watch_lock = threading.Lock()
         self.metrics.stats.after_fork_in_child()
+        self.log.after_fork_in_child()
         self.thread.after_fork_in_child()
         self.exporter.after_fork_in_child()
 
