@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 import subprocess
 import sys
@@ -396,6 +397,23 @@ def test_the_compiled_grouping_matches_the_python_one():
             ]
             if n >= minimum
         ]
+    # 2N+1 (two shapes interleaved, row after row), and many groups in a shuffled
+    # request: each group keeps its queries in order, groups in first-seen order.
+    rows = [query("SELECT * FROM a WHERE id = ?", loop) for _ in range(1)]
+    for _ in range(8):
+        rows += [
+            query("SELECT * FROM c WHERE p = ?", loop),
+            query("SELECT * FROM d WHERE p = ?", loop),
+        ]
+    many = [
+        query(f"SELECT * FROM t{i % 97} WHERE id = ?", (view.__code__, 1, 10 + i % 5))
+        for i in range(3000)
+    ]
+    random.Random(7).shuffle(many)
+    for case in (rows, many, rows + many + rows):
+        for minimum in (1, 5, 8, 40):
+            assert repeats(case, minimum) == _repeats(case, minimum)
+    assert [len(g) for _, g in repeats(rows, 5)] == [8, 8]
 
 
 @pytest.mark.parametrize("log_format", ["console", "json"])
@@ -491,6 +509,10 @@ def test_the_compiled_group_summary_matches_the_python_one():
         "some known": [query((1,)), *[query(None) for _ in range(5)]],
         "lazy load": [query((i,), lazy="Post.comments" if i > 1 else None) for i in range(6)],
         "inlined values": [query(None, sql=f"SELECT * FROM c WHERE p = {i}") for i in range(6)],
+        # Equal statements that are not one object, as statements built at run time are.
+        "built statements": [query((7,), sql="".join(["SELECT * ", "FROM c"])) for _ in range(6)],
+        "nan is never equal": [query((float("nan"),)) for _ in range(6)],
+        "many distinct among repeats": [query((i % 37, "x")) for i in range(1000)],
     }
     for name, group in groups.items():
         assert summary(group) == _summary(group), name
