@@ -474,11 +474,11 @@ def test_the_compiled_query_histogram_matches_the_python_one():
     ]
     tables = []
     for compiled in (False, True):
-        stats = RequestStats(None, [Buffered(None, DB_BUCKETS)])
+        stats = RequestStats(None, [Buffered(None, DB_BUCKETS) for _ in range(4)])
         stats.compiled = compiled
-        stats.observe_queries(0, queries)
-        stats.observe_queries(0, queries[:7])
-        tables.append(stats.buffer().tables[0])
+        for request in (queries, queries[:7]):  # slot 2: the queries' durations
+            stats.request_ended("GET", ("GET", "/r", 200), 0.1, ("/r",), request, -1.0)
+        tables.append(stats.buffer().tables[2])
     python, c = tables
     assert c == python
     select = python[("sqlite", "SELECT")]  # two statements, then the first seven again

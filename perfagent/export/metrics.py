@@ -114,16 +114,15 @@ class Metrics:
 
     def request_ended(self, record: RequestRecord) -> None:
         """Pipeline step: the request's duration, queries, and that it is no longer in flight."""
-        stats = self.stats
         route = record.route or ""
-        stats.ended(record.method)
-        stats.observe(0, (record.method, route, record.status), record.end - record.start)
-        queries = record.queries
-        stats.observe(1, (route,), len(queries) if queries else 0)
-        if record.thread_wait >= 0.0:
-            stats.observe(3, (route,), record.thread_wait)
-        if queries:
-            stats.observe_queries(2, queries)
+        self.stats.request_ended(
+            record.method,
+            (record.method, route, record.status),
+            record.end - record.start,
+            (route,),
+            record.queries,
+            record.thread_wait,
+        )
 
     def count_slow(self, record: RequestRecord) -> None:
         key = (record.method, record.route or "")
