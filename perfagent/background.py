@@ -20,12 +20,16 @@ class AgentThread:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # taken at start and stop only
+        #: True from the thread's start until stop() or a fork.
+        self.running = False
 
     def every(self, seconds: float, task: Callable[[], None]) -> None:
         """Runs ``task`` about every ``seconds`` on the agent thread."""
         self._tasks.append((seconds, task))
 
     def ensure_started(self) -> None:
+        """Starts the thread unless it runs. Request paths test ``running`` first:
+        reading an attribute costs less than calling this each time."""
         if self._thread is not None:
             return
         with self._lock:
@@ -33,6 +37,7 @@ class AgentThread:
                 thread = threading.Thread(target=self._run, name="perfagent", daemon=True)
                 thread.start()
                 self._thread = thread
+                self.running = True
 
     def _run(self) -> None:
         due = [0.0] * len(self._tasks)
@@ -51,9 +56,11 @@ class AgentThread:
         self._stop.set()
         with self._lock:
             thread, self._thread = self._thread, None
+            self.running = False
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
     def after_fork_in_child(self) -> None:
         self._thread = None
+        self.running = False
         self._lock = threading.Lock()

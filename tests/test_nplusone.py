@@ -187,6 +187,7 @@ def test_the_sqlite3_hook_is_compiled_where_a_compiler_is_found():
         assert isinstance(connection_class.__dict__["executemany"], drivers.SqlHook)
         record = RequestRecord("GET", 0.0)
         token = current.set(record)
+        before = time.perf_counter()
         try:
             # The driver's own error reaches the app unchanged; the query still counts.
             with pytest.raises(sqlite3.OperationalError, match="syntax error"):
@@ -197,6 +198,12 @@ def test_the_sqlite3_hook_is_compiled_where_a_compiler_is_found():
             assert execute("SELECT count(*) FROM t").fetchone() == (7,)
         finally:
             current.reset(token)
+        after = time.perf_counter()
+        # The hook's clock is perf_counter's, as the record's times are.
+        starts = [q.start for q in record.queries]
+        assert before <= starts[0] and starts == sorted(starts)
+        assert starts[-1] + record.queries[-1].duration <= after
+        assert record.db_time == pytest.approx(sum(q.duration for q in record.queries))
         assert [(q.sql, q.many) for q in record.queries] == [
             ("SELEC 1", 0),
             ("CREATE TABLE t (id INTEGER)", 0),
@@ -229,11 +236,6 @@ def test_the_python_sqlite3_hook_finds_the_same(python_hooks_app, path, kind, co
 
 
 def test_queries_outside_requests_are_not_charged_and_metrics_count(app):
-    get(app, "/raw/fixed")
-    get(app, "/raw/nplusone")
-    time.sleep(1.5)  # workers merge their counts into /metrics every second
-    samples = scrape(app.metrics_port)
-
     def value(name: str, **labels: str) -> float:
         return sum(
             s.value
@@ -241,7 +243,16 @@ def test_queries_outside_requests_are_not_charged_and_metrics_count(app):
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
         )
 
-    assert value("perfagent_n_plus_one_total", http_route="/raw/nplusone") >= 1
+    time.sleep(1.5)  # workers merge their counts into /metrics every second
+    samples = scrape(app.metrics_port)
+    before = value("perfagent_n_plus_one_total", http_route="/raw/nplusone")
+    get(app, "/raw/fixed")
+    for _ in range(3):
+        get(app, "/raw/nplusone")
+    time.sleep(1.5)
+    samples = scrape(app.metrics_port)
+
+    assert value("perfagent_n_plus_one_total", http_route="/raw/nplusone") == before + 3
     assert value("perfagent_n_plus_one_total", http_route="/raw/fixed") == 0
     # /raw/fixed always issues exactly one query: every such request is in the le="1" bucket.
     fixed = value("perfagent_request_db_queries_count", http_route="/raw/fixed")
@@ -330,6 +341,7 @@ async def main():
 
 status = asyncio.run(main())
 metrics = perfagent._state["agent"].metrics
+metrics.stats.flush()  # what /metrics shows: the request threads' counts merged
 print(status, metrics.n_plus_one.labels("/items")._value.get(),
       metrics.dropped.labels("agent_error")._value.get())
 """
@@ -484,6 +496,39 @@ def test_the_compiled_query_histogram_matches_the_python_one():
     select = python[("sqlite", "SELECT")]  # two statements, then the first seven again
     assert len(python) == 6 and select[-1] == pytest.approx(2 * sum(durations) + sum(durations[:7]))
     assert sum(select[:-1]) == 27 and select[0] == 3 * 3  # 0, 0.0004, 0.0005 (a bound is le)
+
+
+def test_counts_from_many_threads_reach_the_counter_once_each():
+    """RequestStats.count (the N+1 counter, per thread and lock-free) against the
+    prometheus-client counter it feeds: exact after each flush, never added twice."""
+    import threading
+
+    from prometheus_client import CollectorRegistry, Counter
+
+    from perfagent.export.stats import RequestStats
+
+    counter = Counter("c", "c", ["http_route"], registry=CollectorRegistry())
+    stats = RequestStats(None, [])
+    routes = [counter.labels("/a"), counter.labels("/b")]
+
+    def work() -> None:
+        for n in range(1000):
+            stats.count(routes[n % 2])
+
+    for rounds in (1, 2):
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        stats.flush()
+        stats.flush()
+        assert [child._value.get() for child in routes] == [2000.0 * rounds] * 2
+    for _ in range(3):  # one thread, counting between flushes
+        for _ in range(10):
+            stats.count(routes[0])
+        stats.flush()
+    assert routes[0]._value.get() == 4030.0
 
 
 def test_the_compiled_group_summary_matches_the_python_one():

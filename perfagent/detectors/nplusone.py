@@ -80,6 +80,7 @@ class NPlusOneDetector:
         self._agent = agent
         self._frames = capture.frames
         self._minimum = agent.settings.nplusone_min
+        self._count = agent.metrics.stats.count
         use_c = capture.compiled and _compiled_repeats is not None
         self._repeats = _compiled_repeats if use_c else _repeats
         self._summary = _compiled_summary if use_c else _summary
@@ -105,7 +106,7 @@ class NPlusOneDetector:
         trace_id = record.trace_id
         finding.emit(count, total_ms, trace_id, distinct_parameters)
         if finding.counter is not None:
-            finding.counter.inc()
+            self._count(finding.counter)
         repeats = self._agent.fresh(finding.key)
         if repeats is None:
             return  # exported a moment ago: folded into the next export's repeats

@@ -109,9 +109,6 @@ class Metrics:
         )
         self._slow_children: dict[tuple[str, str], Any] = {}
 
-    def request_started(self, method: str) -> None:
-        self.stats.started(method)
-
     def request_ended(self, record: RequestRecord) -> None:
         """Pipeline step: the request's duration, queries, and that it is no longer in flight."""
         route = record.route or ""

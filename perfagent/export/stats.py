@@ -41,11 +41,13 @@ class Buffered:
 class _ThreadBuffer:
     """One thread's running totals; written by that thread only."""
 
-    __slots__ = ("active", "tables")
+    __slots__ = ("active", "counts", "tables")
 
     def __init__(self, slots: int) -> None:
         #: method -> [started, finished]
         self.active: dict[str, list[int]] = {}
+        #: prometheus-client counter child -> [count]
+        self.counts: dict[Any, list[int]] = {}
         #: per histogram: label values -> [count per bucket ..., +Inf count, sum]
         self.tables: list[dict[tuple, list[Any]]] = [{} for _ in range(slots)]
 
@@ -71,7 +73,8 @@ class RequestStats:
         self._buffers: list[_ThreadBuffer] = []
         self._register = threading.Lock()  # once per thread, never per request
         self._flush_lock = threading.Lock()  # agent thread and scrapes; never a request
-        self._merged: dict[int, list[Any]] = {}  # id(entry) -> what was merged already
+        #: id(entry) -> what was merged of it already (a histogram entry's copy, a count)
+        self._merged: dict[int, Any] = {}
         self._gauge_children: dict[str, Any] = {}
         #: (method, route) -> request counts per duration bucket since ``take_window()``.
         self._window: dict[tuple[str, str], list[int]] = {}
@@ -88,7 +91,10 @@ class RequestStats:
     # -- request path -------------------------------------------------------
 
     def started(self, method: str) -> None:
-        buffer = self.buffer()
+        try:
+            buffer = self._local.buffer  # ``buffer()`` inlined: this runs per request
+        except AttributeError:
+            buffer = self.buffer()
         counts = buffer.active.get(method)
         if counts is None:
             counts = buffer.active[method] = [0, 0]
@@ -109,7 +115,10 @@ class RequestStats:
         One call and one buffer lookup for all (measured on the benchmark's
         11-query route: 17,000 instructions as five calls, each finding the
         thread's buffer again; 11,000 so)."""
-        buffer = self.buffer()
+        try:
+            buffer = self._local.buffer  # ``buffer()`` inlined: this runs per request
+        except AttributeError:
+            buffer = self.buffer()
         counts = buffer.active.get(method)
         if counts is not None:
             counts[1] += 1
@@ -120,6 +129,22 @@ class RequestStats:
             _observe(tables[3], histograms[3], route_key, thread_wait)
         if queries:
             self._observe_queries(tables[2], histograms[2], queries)
+
+    def count(self, child: Any) -> None:
+        """``child.inc()`` for a counter that may go up on every request (an N+1
+        route's ``perfagent_n_plus_one_total``): counted in the thread's buffer
+        and added at the next flush, as the histograms are. prometheus-client's
+        ``inc()`` takes a lock, and under ``perfagent run`` writes its file
+        (measured: 0.24 µs in-process, 0.77 µs in multiprocess mode)."""
+        try:
+            counts = self._local.buffer.counts
+        except AttributeError:
+            counts = self.buffer().counts
+        entry = counts.get(child)
+        if entry is None:
+            counts[child] = [1]
+        else:
+            entry[0] += 1
 
     def _observe_queries(self, table: dict, histogram: Buffered, queries: list[Any]) -> None:
         """Each query's duration, keyed by (db system, operation): ``_observe`` inlined
@@ -150,6 +175,12 @@ class RequestStats:
                 for slot, table in enumerate(buffer.tables):
                     for key, entry in list(table.items()):
                         self._merge(self._histograms[slot], key, entry)
+                for child, entry in list(buffer.counts.items()):
+                    now = entry[0]
+                    before = self._merged.get(id(entry), 0)
+                    if now != before:
+                        child.inc(now - before)
+                        self._merged[id(entry)] = now
             for method, value in in_flight.items():
                 child = self._gauge_children.get(method)
                 if child is None:

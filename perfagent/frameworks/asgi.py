@@ -101,13 +101,14 @@ class PerfagentASGI:
             record.profile = _asks_for_profile(scope, self._profile_token)
         token = current.set(record)
         agent.inflight[record] = (get_ident(), current_task())  # for the slow-request sampler
-        agent.thread.ensure_started()
+        if not agent.thread.running:
+            agent.thread.ensure_started()
         # With OpenTelemetry's middleware inside, it must find no span current, or
         # it would make its server span an INTERNAL one.
         otel = None if self._foreign else agent.otel
         otel_token = None
         try:
-            agent.metrics.request_started(record.method)
+            agent.metrics.stats.started(record.method)
             if otel is not None:
                 otel_token = otel.enter()
         except Exception as exc:

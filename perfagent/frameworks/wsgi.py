@@ -105,11 +105,12 @@ class FlaskInstrumentation:
             record.profile = hmac.compare_digest(environ["HTTP_X_PERFAGENT_PROFILE"], profile_token)
         token = current.set(record)
         agent.inflight[record] = (get_ident(), None)  # for the slow-request sampler
-        agent.thread.ensure_started()
+        if not agent.thread.running:
+            agent.thread.ensure_started()
         server_timing = agent.settings.server_timing
         otel_token = None
         try:
-            agent.metrics.request_started(record.method)
+            agent.metrics.stats.started(record.method)
             if otel is not None:
                 otel_token = otel.enter()
         except Exception as exc:
