@@ -146,12 +146,21 @@ class ConsoleLine:
                 parts.append(_pair(key, value))
         order = [key for key in fields if fields[key] is VARIES]
         slots.sort(key=lambda slot: order.index(slot[1]))
+        # Numbers and the trace id are written as _pair writes them, without its calls
+        # (the N+1 route's line: ~20,000 instructions with them, ~14,000 so).
+        plan = [(index, f"{key}=", key == "trace_id") for index, key in slots]
         clock = self._clock
 
         def render(now: float, values: tuple) -> str:
             line = parts.copy()
-            for (index, key), value in zip(slots, values, strict=True):
-                line[index] = _pair(key, value)
+            for (index, prefix, trace), value in zip(plan, values, strict=True):
+                cls = value.__class__
+                if cls is int or cls is float:
+                    line[index] = prefix + repr(value)
+                elif trace and cls is str:
+                    line[index] = prefix + value
+                else:
+                    line[index] = prefix + _value(value)
             return f"{clock.format(now)} {head}{' '.join(line)}"
 
         return render
