@@ -78,6 +78,5 @@ class QueryCapture:
                 record.queries = [query]
             else:
                 queries.append(query)
-            record.db_time += end - start
         except Exception as exc:
             self._on_error("db.capture", exc)
