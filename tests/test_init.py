@@ -175,3 +175,32 @@ def test_log_processor_and_filter_carry_the_request_context():
     assert handler_records[1].trace_id == "" and handler_records[1].route == ""
     assert "trace_id" not in add_request_context(None, "info", {"event": "y"})
     structlog.reset_defaults()
+
+
+def test_the_request_span_is_current_in_the_request_and_gone_after_it():
+    """OpenTelemetry code in a view finds the request's span (its ids are the
+    request's), and once the request is over the caller's context is as it was."""
+    from opentelemetry import trace
+
+    app = FastAPI()
+    seen: dict = {}
+
+    @app.get("/inside")
+    async def inside():
+        seen["context"] = trace.get_current_span().get_span_context()
+        return {}
+
+    trace_id = 0x0AF7651916CD43DD8448EB211C80319C
+    traceparent = f"00-{trace_id:032x}-b7ad6b7169203331-01"
+
+    async def main():
+        before = trace.get_current_span()
+        transport = httpx.ASGITransport(app=app)  # the app runs in this task's context
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            await client.get("/inside", headers={"traceparent": traceparent})
+        return before, trace.get_current_span()
+
+    perfagent.init(app, metrics_port=0)
+    before, after = asyncio.run(main())
+    assert seen["context"].trace_id == trace_id and seen["context"].is_valid
+    assert after is before is trace.INVALID_SPAN
