@@ -19,9 +19,10 @@ structlog, for two measured reasons:
 Lines are rendered and written off the request path, as logging's
 ``QueueHandler`` does: an event is a timestamp and its values appended to a
 bounded queue, which the agent thread renders and writes every
-``WRITE_EVERY_S`` in one write (measured on the benchmark's N+1 route: 57,000
-CPU instructions per request for rendering and writing its line in place,
-~1,500 to queue it). Lines appear at most that much later and in order;
+``WRITE_EVERY_S`` in one write (measured on the benchmark's N+1 route:
+rendering and writing its line in place cost 57,000 CPU instructions and ~8 µs
+a request; queued and written in batches, 25,000 and ~3 µs, as a batch runs
+with warm caches and one system call). Lines appear at most that much later and in order;
 while no agent thread runs (start-up, after shutdown, a forked worker before
 its first request) each is written at once, and a request thread writes the
 queue itself when it is full, so a stuck agent thread loses no line.
@@ -147,7 +148,7 @@ class ConsoleLine:
         order = [key for key in fields if fields[key] is VARIES]
         slots.sort(key=lambda slot: order.index(slot[1]))
         # Numbers and the trace id are written as _pair writes them, without its calls
-        # (the N+1 route's line: ~20,000 instructions with them, ~14,000 so).
+        # (the N+1 route's line: 25,200 instructions with them, 22,300 so).
         plan = [(index, f"{key}=", key == "trace_id") for index, key in slots]
         clock = self._clock
 
