@@ -18,6 +18,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stddef.h>
 #include <time.h>
 #if PY_VERSION_HEX < 0x030B0000
@@ -754,6 +755,22 @@ done:
     return found;
 }
 
+/* ``*total += x`` as the built-in ``sum()`` of floats adds: from Python 3.12 with
+ * Neumaier's compensation, kept in ``*compensation`` (added once at the end, when
+ * finite), before that plainly; so the total is the Python twin's to the last bit. */
+static inline void
+add_up(double *total, double *compensation, double x)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    double t = *total + x;
+    *compensation += fabs(*total) >= fabs(x) ? (*total - t) + x : (x - t) + *total;
+    *total = t;
+#else
+    (void)compensation;
+    *total += x;
+#endif
+}
+
 /*
  * ``summary(group)``: (distinct parameter sets or None when none are known,
  * whether every repeat was identical, the lazy-loaded attribute or None, total
@@ -776,7 +793,7 @@ summary(PyObject *module, PyObject *group)
     /* The hash of each known query's pair, by its index in the group. */
     Py_hash_t *hashes = PyMem_Malloc((size ? size : 1) * sizeof(Py_hash_t));
     PyObject *result = NULL, *lazy = Py_None;
-    double total = 0.0;
+    double total = 0.0, compensation = 0.0;
     if (hashes == NULL) {
         return PyErr_NoMemory();
     }
@@ -844,7 +861,10 @@ summary(PyObject *module, PyObject *group)
         if (duration == -1.0 && PyErr_Occurred()) {
             goto done;
         }
-        total += duration;
+        add_up(&total, &compensation, duration);
+    }
+    if (compensation != 0.0 && isfinite(compensation)) {
+        total += compensation;
     }
     int same = known > 0 && known == size && distinct == 1;
     result = known ? Py_BuildValue("(nOOd)", distinct, same ? Py_True : Py_False, lazy, total)
