@@ -61,11 +61,16 @@ class Agent:
         self.thread = AgentThread(self.internal_error)
         self.thread.every(WRITE_EVERY_S, self._write_log)
         self.thread.every(1.0, self.metrics.stats.flush)
+        # Exports wait on the network (up to TIMEOUT_S a post against a collector that
+        # hangs): on a thread of their own, so that the stack sampler and the log writer
+        # keep their pace whatever the collector does. The agent thread starts it.
+        self.export_thread = AgentThread(self.internal_error, "perfagent-export")
+        self.thread.every(1.0, self.export_thread.ensure_started)
         self.exporter = Exporter(
             settings.console_url,
             settings.service_name,
             self.metrics,
-            self.thread,
+            self.export_thread,
             settings.export_interval_s,
         )
         self.otel = self._otel_bridge()
@@ -122,6 +127,7 @@ class Agent:
             watchdog.stop()
         atexit.unregister(self._at_exit)
         self.thread.stop()
+        self.export_thread.stop()
         self._at_exit()
         self.exporter.close()
         for hooks in self.import_hooks:
@@ -158,6 +164,7 @@ class Agent:
         self.metrics.stats.after_fork_in_child()
         self.log.after_fork_in_child()
         self.thread.after_fork_in_child()
+        self.export_thread.after_fork_in_child()
         self.exporter.after_fork_in_child()
 
     def watch_loop(self) -> None:

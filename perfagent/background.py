@@ -1,9 +1,11 @@
-"""The one agent thread: periodic background work (export, later watchdog ticks).
+"""The agent's background threads: periodic work on a thread of its own.
 
-Request threads never wait on it: they hand work over through bounded deques
-(``append`` is atomic under the GIL, no lock is taken) and the thread polls.
-It starts on first use, so a process that never keeps a trace has no thread,
-and again in a forked child, where threads do not survive.
+Two run: the agent thread (stack samples, log lines, metric merges) and the
+export thread (OTLP posts, which may wait on the network). Request threads
+never wait on either: they hand work over through bounded deques (``append``
+is atomic under the GIL, no lock is taken) and the threads poll. A thread
+starts on first use, so a process that never serves a request has none, and
+again in a forked child, where threads do not survive.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ from collections.abc import Callable
 
 
 class AgentThread:
-    def __init__(self, on_error: Callable[[str, BaseException], None]) -> None:
+    def __init__(
+        self, on_error: Callable[[str, BaseException], None], name: str = "perfagent"
+    ) -> None:
+        self.name = name
         self._tasks: list[tuple[float, Callable[[], None]]] = []
         self._on_error = on_error
         self._stop = threading.Event()
@@ -34,7 +39,7 @@ class AgentThread:
             return
         with self._lock:
             if self._thread is None and not self._stop.is_set():
-                thread = threading.Thread(target=self._run, name="perfagent", daemon=True)
+                thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                 thread.start()
                 self._thread = thread
                 self.running = True

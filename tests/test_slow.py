@@ -278,3 +278,46 @@ def test_the_console_can_ask_a_running_server_for_a_profile(servers, tmp_path):
     assert done[0]["id"] == asked["id"] and done[0]["status"] == "done", done
     page = requests.get(f"{console.base}/profiles/{asked['id']}", timeout=5).text
     assert '<svg class="flame"' in page and "burn" in page
+
+
+def test_a_collector_that_hangs_delays_neither_samples_nor_log_lines(tmp_path):
+    """Every request is exported (sample 1) to a collector that accepts connections
+    and never answers, so each post waits out its timeout. The slow requests must
+    still be sampled (their line named) and logged at once: exports wait on a
+    thread of their own."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def hang() -> None:
+        while True:
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=hang, daemon=True).start()
+    port = free_port()
+    collector = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    argv = [*PERFAGENT, "run", "--no-console", "--metrics-port", "0", "--console-url", collector]
+    argv += ["--slow-ms", "300", "--log-format", "json", "--"]
+    argv += ["uvicorn", "slow_app:app", "--port", str(port)]
+    app = Server(argv, port, clean_env(PERFAGENT_TRACE_SAMPLE="1"))
+    try:
+        app.wait_listening()
+        assert app.get("/fast").status_code == 200
+        time.sleep(1.0)  # its trace is being posted: the post now waits for an answer
+        assert held, "the agent never reached the collector"
+        for route, line in [("/slow/sync-helper", "nap"), ("/slow/cpu", "burn")]:
+            assert app.get(route).status_code == 200
+            answered = time.monotonic()
+            (event,) = slow_events(app, route)
+            assert time.monotonic() - answered < 1.5, "the log line waited on the export"
+            assert event["callsite"] in marks(line), event
+    finally:
+        app.stop()
+        listener.close()
+        for connection in held:
+            connection.close()

@@ -1,4 +1,4 @@
-"""Sends kept traces, findings and per-route stats over OTLP/HTTP, from the agent thread.
+"""Sends kept traces, findings and per-route stats over OTLP/HTTP, from a thread of its own.
 
 Bounded everywhere: at most ``MAX_QUEUED`` items of each kind wait; past that
 they are dropped and counted in ``perfagent_dropped_total{what=...}``. A
@@ -148,7 +148,7 @@ class Exporter:
         trace_id, span_id = record.trace_ids() if record is not None else (0, 0)
         self._findings.append((time.time_ns(), kind, fields, trace_id, span_id))
 
-    # -- agent thread ---------------------------------------------------------
+    # -- export thread --------------------------------------------------------
 
     def _res(self) -> Any:
         if self._resource is None or self._resource_pid != os.getpid():

@@ -1,6 +1,6 @@
 """Kept requests as OTLP protobuf: a SERVER span each, findings as its events.
 
-Spans are built here, on the agent thread, straight into opentelemetry-proto
+Spans are built here, on the export thread, straight into opentelemetry-proto
 messages from the finished record: no OpenTelemetry SDK span exists on the
 request path. An SDK span costs about 20-30 µs to create, fill and end (see
 ARCHITECTURE.md); this way a request that is not kept costs nothing at all,
