@@ -506,10 +506,13 @@ SqlHook_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     return (PyObject *)self;
 }
 
-/* Every object a hook holds, for traverse and clear. */
+/* Every object a hook holds (the site cache's too), for traverse and clear. */
 #define SQLHOOK_OBJECTS(X)                                                                   \
     X(run) X(make_cursor) X(cursor_class) X(system) X(no_params) X(current) X(perf_counter) \
-        X(slow_add) X(shapes) X(kinds) X(loops) X(at_loop) X(query_type)
+    X(slow_add) X(shapes) X(kinds) X(loops) X(at_loop) X(query_type)                       \
+    for (int i = 0; i < SITE_CACHE; i++) {                                                  \
+        X(recent[i].code) X(recent[i].answer)                                               \
+    }
 
 static int
 SqlHook_traverse(SqlHook *self, visitproc visit, void *arg)
@@ -517,10 +520,6 @@ SqlHook_traverse(SqlHook *self, visitproc visit, void *arg)
 #define VISIT(name) Py_VISIT(self->name);
     SQLHOOK_OBJECTS(VISIT)
 #undef VISIT
-    for (int i = 0; i < SITE_CACHE; i++) {
-        Py_VISIT(self->recent[i].code);
-        Py_VISIT(self->recent[i].answer);
-    }
     return 0;
 }
 
@@ -530,10 +529,6 @@ SqlHook_clear(SqlHook *self)
 #define CLEAR(name) Py_CLEAR(self->name);
     SQLHOOK_OBJECTS(CLEAR)
 #undef CLEAR
-    for (int i = 0; i < SITE_CACHE; i++) {
-        Py_CLEAR(self->recent[i].code);
-        Py_CLEAR(self->recent[i].answer);
-    }
     return 0;
 }
 
