@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from perfagent.export.otlp import (
-    encode,
+    SpanWriter,
     encode_findings,
     encode_request_histogram,
     resource,
@@ -117,6 +117,7 @@ class Exporter:
         self._resource: Any = None
         self._resource_pid = 0
         self._start_ns = time.time_ns()
+        self._spans = SpanWriter()
         self._traces: deque[RequestRecord] = deque()
         self._findings: deque[tuple[int, str, dict[str, Any], int, int]] = deque()
         self._dropped_spans = metrics.dropped.labels("spans")
@@ -156,7 +157,7 @@ class Exporter:
         return self._resource
 
     def flush(self) -> None:
-        self._drain(self._traces, "traces", self._dropped_spans, encode, count_sent=True)
+        self._drain(self._traces, "traces", self._dropped_spans, self._spans.encode, True)
         self._drain(self._findings, "logs", self._dropped_findings, encode_findings)
 
     def _drain(

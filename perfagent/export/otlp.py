@@ -1,51 +1,38 @@
 """Kept requests as OTLP protobuf: a SERVER span each, findings as its events.
 
-Spans are built here, on the export thread, straight into opentelemetry-proto
-messages from the finished record: no OpenTelemetry SDK span exists on the
-request path. An SDK span costs about 20-30 µs to create, fill and end (see
-ARCHITECTURE.md); this way a request that is not kept costs nothing at all,
-and a kept one costs one deque append on its own thread.
+Spans are written here, on the export thread, straight from the finished
+record into protobuf bytes (``wire.py`` says why not as opentelemetry-proto
+messages): no OpenTelemetry SDK span exists on the request path. An SDK span
+costs about 20-30 µs to create, fill and end (see ARCHITECTURE.md); this way
+a request that is not kept costs nothing at all, and a kept one costs one
+deque append on its own thread. Findings (as log records) and the request
+histogram, sent far less often, are built as opentelemetry-proto messages.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import random
+import struct
 import time
 import uuid
 from collections.abc import Iterable, Mapping
+from random import getrandbits
 from typing import Any
 
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
-from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 
 from perfagent._version import __version__
+from perfagent.export import wire
 from perfagent.record import RequestRecord
 
 _SCOPE = InstrumentationScope(name="perfagent", version=__version__)
-
-
-def _value(value: Any) -> AnyValue:
-    if isinstance(value, bool):
-        return AnyValue(bool_value=value)
-    if isinstance(value, int):
-        return AnyValue(int_value=value)
-    if isinstance(value, float):
-        return AnyValue(double_value=value)
-    if isinstance(value, (list, tuple)):
-        any_value = AnyValue()
-        any_value.array_value.values.extend(_value(v) for v in value)
-        return any_value
-    if isinstance(value, str):
-        return AnyValue(string_value=value)
-    return AnyValue(string_value=json.dumps(value, default=str))
+_SCOPE_BYTES = _SCOPE.SerializeToString()
 
 
 def attributes(items: Mapping[str, Any]) -> list[KeyValue]:
-    return [KeyValue(key=k, value=_value(v)) for k, v in items.items() if v is not None]
+    """As messages, each value mapped as on spans (``wire.any_value``)."""
+    return [KeyValue.FromString(wire.key_value(k, v)) for k, v in items.items() if v is not None]
 
 
 def resource(service_name: str, environ: Mapping[str, str] | None = None) -> Resource:
@@ -141,108 +128,152 @@ def _request_attributes(record: RequestRecord) -> dict[str, Any]:
     return out
 
 
-def server_span(record: RequestRecord, clock_offset_ns: int) -> Span:
-    trace_id, span_id = record.trace_ids()
-    parent_span_id, _sampled, trace_state = record.parent or (0, None, None)
-    start = int(record.start * 1e9) + clock_offset_ns
-    end = int((record.end or record.start) * 1e9) + clock_offset_ns
-    span = Span(
-        trace_id=trace_id.to_bytes(16, "big"),
-        span_id=span_id.to_bytes(8, "big"),
-        parent_span_id=parent_span_id.to_bytes(8, "big") if parent_span_id else b"",
-        trace_state=trace_state or "",
-        flags=0x100 | (0x200 if parent_span_id else 0) | 0x01,
-        name=f"{record.method} {record.route}" if record.route else record.method,
-        kind=Span.SPAN_KIND_SERVER,
-        start_time_unix_nano=start,
-        end_time_unix_nano=end,
-        attributes=attributes(_request_attributes(record)),
-    )
-    if record.error_type or (record.status is not None and record.status >= 500):
-        span.status.CopyFrom(Status(code=Status.STATUS_CODE_ERROR))
-    for event, fields in record.findings or ():
-        span.events.add(
-            time_unix_nano=end,
-            name=event,
-            attributes=attributes({k: v for k, v in fields.items() if k != "trace_id"}),
+_SERVER = b"\x30\x02"  # kind: SPAN_KIND_SERVER
+_CLIENT = b"\x30\x03"
+_INTERNAL = b"\x30\x01"
+_ERROR = b"\x7a\x02\x18\x02"  # status: {code: STATUS_CODE_ERROR}
+_times = struct.Struct("<BQBQ").pack  # start_time_unix_nano, end_time_unix_nano (fixed64)
+_flags = struct.Struct("<BBI").pack  # flags: field 16, fixed32
+# W3C sampled, and whether the parent is remote is known: it is not, or it is.
+_LOCAL = _flags(0x85, 0x01, 0x101)
+_REMOTE = _flags(0x85, 0x01, 0x301)
+_QUERY_ATTRIBUTES_MAX = 1024
+
+
+class SpanWriter:
+    """Kept requests as one ``ExportTraceServiceRequest``, in protobuf bytes.
+
+    What repeats from span to span is written once: the attributes and name of
+    a query span per statement shape, in a bounded cache.
+    """
+
+    def __init__(self) -> None:
+        self._query_parts: dict[tuple[Any, str, int], bytes] = {}
+
+    def encode(self, records: Iterable[RequestRecord], res: Resource) -> bytes:
+        offset = clock_offset_ns()
+        spans = []
+        for record in records:
+            spans.append(self.server_span(record, offset))
+            if record.queries:
+                spans.extend(self.query_spans(record, offset))
+            if record.spans:
+                spans.extend(app_spans(record, offset))
+        scope_spans = wire.field(b"\x0a", _SCOPE_BYTES) + b"".join(spans)
+        resource_spans = wire.field(b"\x0a", res.SerializeToString()) + wire.field(
+            b"\x12", scope_spans
         )
-    return span
+        return wire.field(b"\x0a", resource_spans)
 
+    @staticmethod
+    def server_span(record: RequestRecord, clock_offset_ns: int) -> bytes:
+        """The request's SERVER span, its findings as events, as a ``spans`` element."""
+        trace_id, span_id = record.trace_ids()
+        parent_span_id, _sampled, trace_state = record.parent or (0, None, None)
+        start = int(record.start * 1e9) + clock_offset_ns
+        end = int((record.end or record.start) * 1e9) + clock_offset_ns
+        name = f"{record.method} {record.route}" if record.route else record.method
+        parts = [
+            b"\x0a\x10",
+            trace_id.to_bytes(16, "big"),
+            b"\x12\x08",
+            span_id.to_bytes(8, "big"),
+        ]
+        if trace_state:
+            parts.append(wire.text(b"\x1a", trace_state))
+        if parent_span_id:
+            parts += (b"\x22\x08", parent_span_id.to_bytes(8, "big"))
+        parts += (
+            wire.text(b"\x2a", name),
+            _SERVER,
+            _times(0x39, start, 0x41, end),
+            wire.attributes(b"\x4a", _request_attributes(record)),
+        )
+        for event, fields in record.findings or ():
+            attributes = {k: v for k, v in fields.items() if k != "trace_id"}
+            body = b"\x09" + wire.fixed64(end) + wire.text(b"\x12", event)
+            parts.append(wire.field(b"\x5a", body + wire.attributes(b"\x1a", attributes)))
+        if record.error_type or (record.status is not None and record.status >= 500):
+            parts.append(_ERROR)
+        parts.append(_REMOTE if parent_span_id else _LOCAL)
+        return wire.field(b"\x12", b"".join(parts))
 
-def query_spans(record: RequestRecord, clock_offset_ns: int) -> list[Span]:
-    """A CLIENT span per database query, children of the request's server span."""
-    trace_id, server_id = record.trace_ids()
-    trace_bytes, parent = trace_id.to_bytes(16, "big"), server_id.to_bytes(8, "big")
-    spans = []
-    for query in record.queries or ():
-        shape = query.shape
-        start = int(query.start * 1e9) + clock_offset_ns
-        spans.append(
-            Span(
-                trace_id=trace_bytes,
-                span_id=(random.getrandbits(64) or 1).to_bytes(8, "big"),
-                parent_span_id=parent,
-                flags=0x101,
-                name=shape.operation or query.system,
-                kind=Span.SPAN_KIND_CLIENT,
-                start_time_unix_nano=start,
-                end_time_unix_nano=start + int(query.duration * 1e9),
-                attributes=attributes(
-                    {
-                        "db.system.name": query.system,
-                        "db.operation.name": shape.operation or None,
-                        # The fingerprint: literals are placeholders, so no data leaves.
-                        "db.query.text": shape.fingerprint,
-                        "db.operation.batch.size": query.many or None,
-                    }
-                ),
+    def query_spans(self, record: RequestRecord, clock_offset_ns: int) -> list[bytes]:
+        """A CLIENT span per database query, children of the request's server span."""
+        trace_id, server_id = record.trace_ids()
+        head = b"\x0a\x10" + trace_id.to_bytes(16, "big") + b"\x12\x08"
+        parent = b"\x22\x08" + server_id.to_bytes(8, "big")
+        cache = self._query_parts
+        spans = []
+        for query in record.queries or ():
+            shape = query.shape
+            key = (shape, query.system, query.many)
+            tail = cache.get(key)
+            if tail is None:
+                tail = self._query_tail(*key)
+                if len(cache) >= _QUERY_ATTRIBUTES_MAX:
+                    cache.clear()
+                cache[key] = tail
+            start = int(query.start * 1e9) + clock_offset_ns
+            body = b"".join(
+                (
+                    head,
+                    (getrandbits(64) or 1).to_bytes(8, "big"),
+                    parent,
+                    _times(0x39, start, 0x41, start + int(query.duration * 1e9)),
+                    tail,
+                )
+            )
+            spans.append(wire.field(b"\x12", body))
+        return spans
+
+    @staticmethod
+    def _query_tail(shape: Any, system: str, many: int) -> bytes:
+        """Name, kind, attributes and flags of a query span: the same for every query of
+        a shape. (Field order within a message is free in protobuf.)"""
+        attributes = {
+            "db.system.name": system,
+            "db.operation.name": shape.operation or None,
+            # The fingerprint: literals are placeholders, so no data leaves.
+            "db.query.text": shape.fingerprint,
+            "db.operation.batch.size": many or None,
+        }
+        return b"".join(
+            (
+                wire.text(b"\x2a", shape.operation or system),
+                _CLIENT,
+                wire.attributes(b"\x4a", attributes),
+                _LOCAL,
             )
         )
-    return spans
 
 
-def app_spans(record: RequestRecord, clock_offset_ns: int) -> list[Span]:
+def app_spans(record: RequestRecord, clock_offset_ns: int) -> list[bytes]:
     """An INTERNAL span per ``perfagent.span``/``@perfagent.timed`` block of the request."""
     trace_id, server_id = record.trace_ids()
+    head = b"\x0a\x10" + trace_id.to_bytes(16, "big") + b"\x12\x08"
+    parent = b"\x22\x08" + server_id.to_bytes(8, "big")
     out = []
     for name, start, end, error in record.spans or ():
-        span = Span(
-            trace_id=trace_id.to_bytes(16, "big"),
-            span_id=(random.getrandbits(64) or 1).to_bytes(8, "big"),
-            parent_span_id=server_id.to_bytes(8, "big"),
-            flags=0x101,
-            name=name,
-            kind=Span.SPAN_KIND_INTERNAL,
-            start_time_unix_nano=int(start * 1e9) + clock_offset_ns,
-            end_time_unix_nano=int(end * 1e9) + clock_offset_ns,
-            attributes=attributes({"error.type": error}),
-        )
+        start_ns, end_ns = int(start * 1e9) + clock_offset_ns, int(end * 1e9) + clock_offset_ns
+        parts = [
+            head,
+            (getrandbits(64) or 1).to_bytes(8, "big"),
+            parent,
+            wire.text(b"\x2a", name),
+            _INTERNAL,
+            _times(0x39, start_ns, 0x41, end_ns),
+        ]
         if error:
-            span.status.CopyFrom(Status(code=Status.STATUS_CODE_ERROR))
-        out.append(span)
+            parts += (wire.attributes(b"\x4a", {"error.type": error}), _ERROR)
+        parts.append(_LOCAL)
+        out.append(wire.field(b"\x12", b"".join(parts)))
     return out
 
 
 def clock_offset_ns() -> int:
     """Add to ``perf_counter() * 1e9`` to get Unix nanoseconds."""
     return time.time_ns() - int(time.perf_counter() * 1e9)
-
-
-def encode(records: Iterable[RequestRecord], res: Resource) -> bytes:
-    offset = clock_offset_ns()
-    spans = []
-    for record in records:
-        spans.append(server_span(record, offset))
-        if record.queries:
-            spans.extend(query_spans(record, offset))
-        if record.spans:
-            spans.extend(app_spans(record, offset))
-    request = ExportTraceServiceRequest(
-        resource_spans=[
-            ResourceSpans(resource=res, scope_spans=[ScopeSpans(scope=_SCOPE, spans=spans)])
-        ]
-    )
-    return request.SerializeToString()
 
 
 def encode_request_histogram(histogram: Any, res: Resource, start_ns: int) -> tuple[bytes, int]:

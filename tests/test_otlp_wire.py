@@ -1,0 +1,227 @@
+"""Spans written as protobuf bytes (perfagent/export/wire.py), judged by opentelemetry-proto.
+
+The server tests send real traces to a real receiver; these take the values
+those rarely meet (negative and huge numbers, non-ASCII and broken text,
+arrays, a remote parent with tracestate, app spans, errors) and check that
+the library decodes exactly what the record held.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+
+from perfagent.db.capture import Query
+from perfagent.db.fingerprint import Fingerprints
+from perfagent.export import wire
+from perfagent.export.otlp import SpanWriter, resource
+from perfagent.record import RequestRecord
+
+
+class Color(enum.IntEnum):
+    RED = 7
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("", AnyValue(string_value="")),
+        ("héllo ☃ 𝄞", AnyValue(string_value="héllo ☃ 𝄞")),
+        (0, AnyValue(int_value=0)),
+        (127, AnyValue(int_value=127)),
+        (128, AnyValue(int_value=128)),
+        (300, AnyValue(int_value=300)),
+        (-1, AnyValue(int_value=-1)),
+        (-(2**63), AnyValue(int_value=-(2**63))),
+        (2**63 - 1, AnyValue(int_value=2**63 - 1)),
+        (True, AnyValue(bool_value=True)),
+        (False, AnyValue(bool_value=False)),
+        (1.5, AnyValue(double_value=1.5)),
+        (-0.0, AnyValue(double_value=-0.0)),
+        (1e300, AnyValue(double_value=1e300)),
+        (Color.RED, AnyValue(int_value=7)),
+        (
+            [1, "a", [2.5, False]],
+            AnyValue(
+                array_value=ArrayValue(
+                    values=[
+                        AnyValue(int_value=1),
+                        AnyValue(string_value="a"),
+                        AnyValue(
+                            array_value=ArrayValue(
+                                values=[AnyValue(double_value=2.5), AnyValue(bool_value=False)]
+                            )
+                        ),
+                    ]
+                )
+            ),
+        ),
+        ((), AnyValue(array_value=ArrayValue())),
+    ],
+)
+def test_attribute_values_are_written_as_opentelemetry_proto_writes_them(value, expected):
+    written = wire.key_value("k", value)
+    assert written == KeyValue(key="k", value=expected).SerializeToString()
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (2**63, str(2**63)),  # past int64: its digits
+        (-(2**63) - 1, str(-(2**63) - 1)),
+        ({"a": 1}, '{"a": 1}'),
+        (None, "null"),
+        ("a\ud800b", "a?b"),  # a lone surrogate is not valid UTF-8
+    ],
+)
+def test_values_protobuf_has_no_type_for_go_as_text(value, text):
+    assert KeyValue.FromString(wire.key_value("k", value)).value == AnyValue(string_value=text)
+
+
+def test_remembered_attributes_keep_their_type():
+    """1, True and 1.0 are equal (and hash alike) in Python, not in OTLP."""
+    for _ in range(2):  # the second time from the table
+        written = wire.attributes(b"\x0a", {"a": 1, "b": True, "c": 1.0, "d": "1", "e": None})
+        decoded = Resource.FromString(written).attributes  # its field 1: KeyValues
+        assert [(kv.key, kv.value) for kv in decoded] == [
+            ("a", AnyValue(int_value=1)),
+            ("b", AnyValue(bool_value=True)),
+            ("c", AnyValue(double_value=1.0)),
+            ("d", AnyValue(string_value="1")),
+        ]
+        assert wire.attributes(b"\x0a", {"x": True}) != wire.attributes(b"\x0a", {"x": 1})
+
+
+def test_remembered_attributes_keep_their_field():
+    """The same attribute on a span (field 9) and on an event (field 3)."""
+    assert wire.attributes(b"\x4a", {"route": "/a"})[0] == 0x4A
+    assert wire.attributes(b"\x1a", {"route": "/a"})[0] == 0x1A
+
+
+def _record() -> RequestRecord:
+    scope = {
+        "type": "http",
+        "path": "/posts/7",
+        "scheme": "https",
+        "http_version": "2",
+        "server": ("10.0.0.1", 8443),
+        "client": ("10.0.0.9", 5555),
+        "headers": [(b"host", b"example.org:8443"), (b"user-agent", "tëst/1".encode("latin-1"))],
+    }
+    record = RequestRecord("POST", 100.0, scope)
+    record.route, record.status, record.end = "/posts/{id}", 503, 100.25
+    record.error_type = "TimeoutError"
+    record._trace_id, record._span_id = (1 << 127) | 5, (1 << 63) | 9
+    record.parent = (0x00F067AA0BA902B7, True, "vendor=x,other=y")
+    shapes = Fingerprints()
+    select = "SELECT * FROM comment WHERE post_id = ?"
+    record.queries = [
+        Query("sqlite", select, shapes(select), (i,), 100.01 + i / 100, 0.002, 0, (), None)
+        for i in range(3)
+    ]
+    insert = "INSERT INTO tag VALUES (?, ?)"
+    record.queries.append(
+        Query("postgresql", insert, shapes(insert), None, 100.2, 0.01, 1000, (), None)
+    )
+    record.spans = [("render", 100.1, 100.15, None), ("cache", 100.15, 100.16, "KeyError")]
+    record.findings = [
+        ("n_plus_one", {"route": "/posts/{id}", "count": 3, "total_ms": 6.0, "trace_id": "x"}),
+        ("slow_request", {"callsite": None, "stacks": {"a;b": 2}}),
+    ]
+    return record
+
+
+def _attributes(message) -> dict:
+    out = {}
+    for kv in message.attributes:
+        kind = kv.value.WhichOneof("value")
+        out[kv.key] = getattr(kv.value, kind)
+    return out
+
+
+def test_a_kept_request_decodes_to_what_its_record_holds():
+    record = _record()
+    body = SpanWriter().encode([record], resource("svc"))
+    (resource_spans,) = ExportTraceServiceRequest.FromString(body).resource_spans
+    assert _attributes(resource_spans.resource)["service.name"] == "svc"
+    (scope_spans,) = resource_spans.scope_spans
+    assert scope_spans.scope.name == "perfagent"
+    server, *children = scope_spans.spans
+    assert len(children) == 4 + 2
+
+    trace_id = ((1 << 127) | 5).to_bytes(16, "big")
+    assert server.trace_id == trace_id
+    assert server.span_id == ((1 << 63) | 9).to_bytes(8, "big")
+    assert server.parent_span_id == bytes.fromhex("00f067aa0ba902b7")
+    assert server.trace_state == "vendor=x,other=y"
+    assert server.flags == 0x301  # sampled, parent remote
+    assert (server.name, server.kind) == ("POST /posts/{id}", Span.SPAN_KIND_SERVER)
+    offset = server.start_time_unix_nano - int(100.0 * 1e9)
+    assert server.end_time_unix_nano == int(100.25 * 1e9) + offset
+    assert server.status.code == Status.STATUS_CODE_ERROR
+    assert _attributes(server) == {
+        "http.request.method": "POST",
+        "http.route": "/posts/{id}",
+        "http.response.status_code": 503,
+        "url.path": "/posts/7",
+        "url.scheme": "https",
+        "network.protocol.version": "2",
+        "server.address": "example.org",
+        "server.port": 8443,
+        "client.address": "10.0.0.9",
+        "user_agent.original": "tëst/1",
+        "error.type": "TimeoutError",
+    }
+    assert [(e.name, e.time_unix_nano) for e in server.events] == [
+        ("n_plus_one", server.end_time_unix_nano),
+        ("slow_request", server.end_time_unix_nano),
+    ]
+    assert _attributes(server.events[0]) == {"route": "/posts/{id}", "count": 3, "total_ms": 6.0}
+    assert _attributes(server.events[1]) == {"stacks": '{"a;b": 2}'}
+
+    queries, app = children[:4], children[4:]
+    for query, captured in zip(queries, record.queries, strict=True):
+        assert query.trace_id == trace_id
+        assert query.parent_span_id == server.span_id
+        assert len(query.span_id) == 8 and query.span_id != server.span_id
+        assert query.kind == Span.SPAN_KIND_CLIENT and query.flags == 0x101
+        assert query.start_time_unix_nano == int(captured.start * 1e9) + offset
+        assert query.end_time_unix_nano == query.start_time_unix_nano + int(captured.duration * 1e9)
+    assert len({q.span_id for q in queries}) == 4
+    assert [q.name for q in queries] == ["SELECT"] * 3 + ["INSERT"]
+    assert _attributes(queries[0]) == {
+        "db.system.name": "sqlite",
+        "db.operation.name": "SELECT",
+        "db.query.text": "SELECT * FROM comment WHERE post_id=?",
+    }
+    assert _attributes(queries[3]) == {
+        "db.system.name": "postgresql",
+        "db.operation.name": "INSERT",
+        "db.query.text": "INSERT INTO tag VALUES(...)",
+        "db.operation.batch.size": 1000,
+    }
+    assert [(s.name, s.kind, s.status.code) for s in app] == [
+        ("render", Span.SPAN_KIND_INTERNAL, Status.STATUS_CODE_UNSET),
+        ("cache", Span.SPAN_KIND_INTERNAL, Status.STATUS_CODE_ERROR),
+    ]
+    assert _attributes(app[1]) == {"error.type": "KeyError"}
+    assert app[0].start_time_unix_nano == int(100.1 * 1e9) + offset
+    assert all(s.parent_span_id == server.span_id for s in app)
+
+
+def test_a_root_span_without_findings_or_error_writes_no_parent_status_or_events():
+    record = RequestRecord("GET", 5.0, None)
+    record.route, record.status, record.end = "", 200, 5.5
+    record._trace_id, record._span_id = 3, 4
+    body = SpanWriter().encode([record, record], resource("svc"))
+    spans = ExportTraceServiceRequest.FromString(body).resource_spans[0].scope_spans[0].spans
+    assert len(spans) == 2
+    span = spans[0]
+    assert (span.name, span.parent_span_id, span.trace_state, span.flags) == ("GET", b"", "", 0x101)
+    assert not span.events and span.status == Status()
+    assert not span.HasField("status")
