@@ -452,6 +452,7 @@ def test_a_prepared_finding_line_is_the_line_the_logger_writes(log_format):
         (10, 0.047, "ab" * 16, 10),
         (3, 12.5, 'cd é"x', None),
         (True, float("nan"), None, [1, "a"]),
+        ("a few", -0.0, "ef" * 16, "x 'y'"),  # text where numbers go: quoted as usual
     ]
     for values in cases:
         emit(*values)
