@@ -6,7 +6,8 @@
 Each app is served once per configuration, all at the same time, each server
 pinned to core 0 and the load generator (wrk) to core 1. Rounds alternate the
 configurations so a noisy neighbour hurts them all alike. Figures are medians
-over rounds; "ratio" is throughput against the bare app in the same run.
+over rounds; "ratio" is throughput against the bare app in the same run, and
+"rounds" the lowest and highest of that ratio taken round by round.
 Also measured: start-up time added to importing the app, and memory (RSS and
 PSS of the app's processes) after the run (and, with --memory, after 100,000
 and 1,000,000 requests over 10,000 distinct raw paths).
@@ -346,18 +347,23 @@ def main() -> int:
 
 
 def report(app: str, servers: list[Server]) -> None:
-    bare = statistics.median(r[0] for r in servers[0].runs)
+    """Medians over rounds; "rounds" is the spread of the ratio taken round by round
+    (each against the bare app's run of the same round), to tell a gap from noise."""
+    bare_runs = [r[0] for r in servers[0].runs]
+    bare = statistics.median(bare_runs)
     print(f"\n{app} ({len(servers[0].runs)} rounds)")
-    header = f"{'req/s':>9}{'ratio':>8}{'p50 ms':>9}{'p99 ms':>9}{'RSS MiB':>9}{'PSS MiB':>9}"
-    print(f"  {'configuration':<26}{header}")
+    header = f"{'req/s':>9}{'ratio':>8}{'rounds':>12}{'p50 ms':>9}{'p99 ms':>9}"
+    print(f"  {'configuration':<26}{header}{'RSS MiB':>9}{'PSS MiB':>9}")
     for server in servers:
         rps = statistics.median(r[0] for r in server.runs)
         p50 = statistics.median(r[1] for r in server.runs)
         p99 = statistics.median(r[2] for r in server.runs)
+        ratios = [r[0] / b for r, b in zip(server.runs, bare_runs, strict=True)]
+        spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
         rss, pss, runner = app_memory_mib(server)
         extra = f"  (+ runner PSS {runner:.1f})" if runner else ""
         print(
-            f"  {server.config:<26}{rps:>9.0f}{rps / bare:>8.2f}{p50:>9.2f}{p99:>9.2f}"
+            f"  {server.config:<26}{rps:>9.0f}{rps / bare:>8.2f}{spread:>12}{p50:>9.2f}{p99:>9.2f}"
             f"{rss:>9.1f}{pss:>9.1f}{extra}"
         )
     sys.stdout.flush()

@@ -225,3 +225,16 @@ def test_a_root_span_without_findings_or_error_writes_no_parent_status_or_events
     assert (span.name, span.parent_span_id, span.trace_state, span.flags) == ("GET", b"", "", 0x101)
     assert not span.events and span.status == Status()
     assert not span.HasField("status")
+
+
+def test_the_table_of_written_attributes_keeps_what_repeats_and_stays_bounded():
+    """Raw paths (one per request on a site with ids in its URLs) are not remembered;
+    anything else is, up to a bound."""
+    before = len(wire._known)
+    for n in range(3000):
+        written = wire.attributes(b"\x4a", {"http.route": "/items/{id}", "url.path": f"/items/{n}"})
+        assert written.endswith(wire.field(b"\x4a", wire.key_value("url.path", f"/items/{n}")))
+    assert len(wire._known) <= before + 1
+    for n in range(3000):
+        wire.attributes(b"\x4a", {"db.query.text": f"SELECT {n}"})
+    assert 0 < len(wire._known) <= wire._KNOWN_MAX
