@@ -204,3 +204,26 @@ def test_the_request_span_is_current_in_the_request_and_gone_after_it():
     before, after = asyncio.run(main())
     assert seen["context"].trace_id == trace_id and seen["context"].is_valid
     assert after is before is trace.INVALID_SPAN
+
+
+@pytest.mark.parametrize("through_api", [False, True])
+def test_the_request_span_is_attached_and_detached_through_the_variable_or_the_api(through_api):
+    """OpenTelemetry's default runtime context is set directly; any other through its API."""
+    from opentelemetry import trace
+
+    from perfagent.export.otel_context import OtelBridge
+
+    bridge = OtelBridge(lambda record: False)
+    if through_api:
+        bridge._variable = None  # as with another OTEL_PYTHON_CONTEXT
+    else:
+        assert bridge._variable is not None
+    token = bridge.enter()
+    assert token is not None and trace.get_current_span() is bridge._span
+    bridge.exit(token)
+    assert trace.get_current_span() is trace.INVALID_SPAN
+    bridge.exit(token)  # a second reset is refused by the variable: not raised
+    other = trace.NonRecordingSpan(trace.SpanContext(1, 2, False))
+    with trace.use_span(other):
+        assert bridge.enter() is None  # another instrumentation's span stays current
+        assert trace.get_current_span() is other
