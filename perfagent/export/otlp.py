@@ -200,9 +200,7 @@ class SpanWriter:
 
     def query_spans(self, record: RequestRecord, clock_offset_ns: int) -> list[bytes]:
         """A CLIENT span per database query, children of the request's server span."""
-        trace_id, server_id = record.trace_ids()
-        head = b"\x0a\x10" + trace_id.to_bytes(16, "big") + b"\x12\x08"
-        parent = b"\x22\x08" + server_id.to_bytes(8, "big")
+        head, parent = _child_fields(record)
         cache = self._query_parts
         spans = []
         for query in record.queries or ():
@@ -248,11 +246,19 @@ class SpanWriter:
         )
 
 
+def _child_fields(record: RequestRecord) -> tuple[bytes, bytes]:
+    """For a span under the request's server span: its trace id and the key of its
+    span id (which follows), and its parent span id."""
+    trace_id, server_id = record.trace_ids()
+    return (
+        b"\x0a\x10" + trace_id.to_bytes(16, "big") + b"\x12\x08",
+        b"\x22\x08" + server_id.to_bytes(8, "big"),
+    )
+
+
 def app_spans(record: RequestRecord, clock_offset_ns: int) -> list[bytes]:
     """An INTERNAL span per ``perfagent.span``/``@perfagent.timed`` block of the request."""
-    trace_id, server_id = record.trace_ids()
-    head = b"\x0a\x10" + trace_id.to_bytes(16, "big") + b"\x12\x08"
-    parent = b"\x22\x08" + server_id.to_bytes(8, "big")
+    head, parent = _child_fields(record)
     out = []
     for name, start, end, error in record.spans or ():
         start_ns, end_ns = int(start * 1e9) + clock_offset_ns, int(end * 1e9) + clock_offset_ns
