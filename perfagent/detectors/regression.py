@@ -10,6 +10,7 @@ reported at most once per ``QUIET_S``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from time import monotonic
 from typing import Any
 
@@ -23,10 +24,17 @@ QUIET_S = 600.0
 ALPHA = 0.2
 
 
+#: ``reported`` of a route never reported. Not 0.0: ``monotonic()`` counts from
+#: boot, so a machine up for less than ``QUIET_S`` (a fresh VM or container host)
+#: would never have reported its first regression.
+NEVER = float("-inf")
+
+
 class RegressionDetector:
-    def __init__(self, agent: Any, window_s: float) -> None:
+    def __init__(self, agent: Any, window_s: float, clock: Callable[[], float] = monotonic) -> None:
         self._agent = agent
         self.window_s = window_s
+        self._clock = clock
         self._usual: dict[tuple[str, str], list[float]] = {}  # key -> [p95, windows, reported]
 
     def tick(self) -> None:
@@ -38,15 +46,15 @@ class RegressionDetector:
                 continue
             usual = self._usual.get((method, route))
             if usual is None:
-                self._usual[(method, route)] = [p95, 1, 0.0]
+                self._usual[(method, route)] = [p95, 1, NEVER]
                 continue
             if (
                 usual[1] >= WARM_WINDOWS
                 and p95 >= FACTOR * usual[0]
                 and p95 - usual[0] >= 0.05
-                and monotonic() - usual[2] >= QUIET_S
+                and self._clock() - usual[2] >= QUIET_S
             ):
-                usual[2] = monotonic()
+                usual[2] = self._clock()
                 self._agent.report(
                     "latency_regression",
                     {
