@@ -21,6 +21,8 @@
 #include <math.h>
 #include <stddef.h>
 #include <time.h>
+
+#include "_histogram.h"
 #if PY_VERSION_HEX < 0x030B0000
 #include <frameobject.h> /* PyFrame_GetBack: in Python.h from 3.11 */
 #endif
@@ -273,6 +275,32 @@ done:
     return answer;
 }
 
+/* Untracks ``obj``, a tuple (or a tuple subclass without a ``__dict__``, such as a
+ * NamedTuple) none of whose items the garbage collector tracks: no reference cycle
+ * can pass through it. CPython's collector makes the same check before it untracks a
+ * plain tuple, lazily, at a collection; it never untracks a NamedTuple. A query of
+ * atoms (its row's parameters, its Shape, its sites) is then none of the collector's
+ * work while its request runs. Under uvicorn each young collection found the
+ * in-flight requests' queries and promoted them, and full collections (~20 ms
+ * each) came more often (measured on the 11-query route, 16 connections: young
+ * collections 0.107 -> 0.085 a request, bare 0.091; full ones 0.89 -> 0.71 per
+ * 1,000 requests, bare 0.75). */
+static void
+untrack_atoms(PyObject *obj)
+{
+    if (obj == NULL || !PyTuple_Check(obj) || !PyObject_GC_IsTracked(obj) ||
+        Py_TYPE(obj)->tp_dictoffset != 0) {
+        return;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(obj); i++) {
+        PyObject *item = PyTuple_GET_ITEM(obj, i);
+        if (item == NULL || PyObject_GC_IsTracked(item)) {
+            return;
+        }
+    }
+    PyObject_GC_UnTrack(obj);
+}
+
 /* QueryCapture.add for a query whose shape and call site are cached; 0 if done, -1 if not. */
 static int
 add_fast(SqlHook *self, PyObject *record, PyObject *sql, PyObject *params, double start,
@@ -313,6 +341,13 @@ add_fast(SqlHook *self, PyObject *record, PyObject *sql, PyObject *params, doubl
         Py_DECREF(query); /* the tuple's dealloc skips the NULL items */
         return -1;
     }
+    for (Py_ssize_t i = 0; PyTuple_Check(sites) && i < PyTuple_GET_SIZE(sites); i++) {
+        untrack_atoms(PyTuple_GET_ITEM(sites, i));
+    }
+    untrack_atoms(sites);
+    untrack_atoms(shape);
+    untrack_atoms(params);
+    untrack_atoms(query);
     int failed = -1;
     PyObject *queries = PyObject_GetAttr(record, str_queries);
     if (queries == NULL) {
@@ -870,52 +905,6 @@ done:
     return result;
 }
 
-/* entry[index] += 1, entry being a list of ints; -1 on error. */
-static int
-increment(PyObject *entry, Py_ssize_t index)
-{
-    long long count = PyLong_AsLongLong(PyList_GET_ITEM(entry, index));
-    if (count == -1 && PyErr_Occurred()) {
-        return -1;
-    }
-    PyObject *value = PyLong_FromLongLong(count + 1);
-    return value == NULL ? -1 : PyList_SetItem(entry, index, value);
-}
-
-/* The table's entry for (system, operation), made if new: a new reference, or NULL. */
-static PyObject *
-histogram_entry(PyObject *table, PyObject *system, PyObject *operation, Py_ssize_t width)
-{
-    PyObject *key = PyTuple_Pack(2, system, operation);
-    if (key == NULL) {
-        return NULL;
-    }
-    PyObject *entry = PyDict_GetItemWithError(table, key);
-    if (entry != NULL) {
-        Py_INCREF(entry);
-    }
-    else if (!PyErr_Occurred()) {
-        entry = PyList_New(width + 1);
-        for (Py_ssize_t j = 0; entry != NULL && j <= width; j++) {
-            PyObject *zero = j < width ? PyLong_FromLong(0) : PyFloat_FromDouble(0.0);
-            if (zero == NULL) {
-                Py_CLEAR(entry);
-                break;
-            }
-            PyList_SET_ITEM(entry, j, zero);
-        }
-        if (entry != NULL && PyDict_SetItem(table, key, entry) < 0) {
-            Py_CLEAR(entry);
-        }
-    }
-    Py_DECREF(key);
-    if (entry != NULL && (!PyList_CheckExact(entry) || PyList_GET_SIZE(entry) != width + 1)) {
-        PyErr_SetString(PyExc_ValueError, "a histogram entry of another width");
-        Py_CLEAR(entry);
-    }
-    return entry;
-}
-
 /*
  * ``observe_queries(table, bounds, queries)``: each query's duration into the
  * per-thread histogram table of ``db_client_operation_duration_seconds``,
@@ -932,12 +921,18 @@ observe_queries(PyObject *module, PyObject *args)
                           &bounds, &PyList_Type, &queries)) {
         return NULL;
     }
-    Py_ssize_t width = PyTuple_GET_SIZE(bounds) + 1;
-    for (Py_ssize_t i = 0; i < width - 1; i++) {
+    double limits[64];
+    Py_ssize_t nbounds = PyTuple_GET_SIZE(bounds);
+    if (nbounds > 64) {
+        PyErr_SetString(PyExc_ValueError, "at most 64 bounds");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < nbounds; i++) {
         if (!PyFloat_CheckExact(PyTuple_GET_ITEM(bounds, i))) {
             PyErr_SetString(PyExc_TypeError, "bounds must be a tuple of floats");
             return NULL;
         }
+        limits[i] = PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(bounds, i));
     }
     PyObject *last_system = NULL, *last_operation = NULL, *entry = NULL;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(queries); i++) {
@@ -948,7 +943,9 @@ observe_queries(PyObject *module, PyObject *args)
         }
         PyObject *system = PyTuple_GET_ITEM(query, 0), *operation = PyTuple_GET_ITEM(shape, 1);
         if (entry == NULL || system != last_system || operation != last_operation) {
-            Py_XSETREF(entry, histogram_entry(table, system, operation, width));
+            PyObject *key = PyTuple_Pack(2, system, operation);
+            Py_XSETREF(entry, key == NULL ? NULL : histogram_entry(table, key, nbounds + 1));
+            Py_XDECREF(key);
             if (entry == NULL) {
                 goto fail;
             }
@@ -956,25 +953,8 @@ observe_queries(PyObject *module, PyObject *args)
             last_operation = operation;
         }
         double duration = PyFloat_AsDouble(PyTuple_GET_ITEM(query, 5));
-        if (duration == -1.0 && PyErr_Occurred()) {
-            goto fail;
-        }
-        Py_ssize_t low = 0, high = width - 1; /* bisect_left over the bounds */
-        while (low < high) {
-            Py_ssize_t middle = (low + high) / 2;
-            if (PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(bounds, middle)) < duration) {
-                low = middle + 1;
-            }
-            else {
-                high = middle;
-            }
-        }
-        if (increment(entry, low) < 0) {
-            goto fail;
-        }
-        double sum = PyFloat_AsDouble(PyList_GET_ITEM(entry, width));
-        PyObject *total = sum == -1.0 && PyErr_Occurred() ? NULL : PyFloat_FromDouble(sum + duration);
-        if (total == NULL || PyList_SetItem(entry, width, total) < 0) {
+        if ((duration == -1.0 && PyErr_Occurred()) ||
+            histogram_add(entry, limits, nbounds, duration) < 0) {
             goto fail;
         }
     }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import random
 import threading
 from collections.abc import Callable
 from time import perf_counter
@@ -26,8 +27,14 @@ from perfagent.export.logs import WRITE_EVERY_S, make_logger
 from perfagent.export.metrics import Metrics, serving_registry, start_server
 from perfagent.patching import Patch, PostImportHooks
 from perfagent.profiling.sampler import StackSampler, summarize
-from perfagent.record import RequestRecord
+from perfagent.record import ROOT_PARENT, RequestRecord
 from perfagent.tracecontext import Sampler
+
+try:  # built by pip where a C compiler is found (perfagent/_perrequest.c, _speedups.c)
+    from perfagent._perrequest import Finisher
+    from perfagent._speedups import observe_queries
+except ImportError:
+    Finisher = observe_queries = None
 
 #: Query findings of one kind, route, shape and call site are exported at most this often.
 REPEAT_EVERY_S = 10.0
@@ -41,7 +48,7 @@ class Agent:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.running = True
-        self.log = make_logger(settings.log_format)
+        self.log = make_logger(settings.log_format, compiled=settings.compiled_hooks)
         self.metrics = Metrics(CollectorRegistry(auto_describe=False))
         self.metrics.stats.compiled = settings.compiled_hooks
         self.patches: list[Patch] = []
@@ -90,11 +97,45 @@ class Agent:
         first = [self.metrics.request_ended, self._detect_slow, *profile]
         last = [self._keep_trace]  # last: every finding before makes the request's trace kept
         self.steps: list[Step] = first + last
-        self.steps_with_queries: list[Step] = [
-            *first,
-            NPlusOneDetector(self, self.capture),
-            *last,
-        ]
+        self._nplusone = NPlusOneDetector(self, self.capture)
+        self.steps_with_queries: list[Step] = [*first, self._nplusone, *last]
+        self._compile_finish()
+
+    def _compile_finish(self) -> None:
+        if self.settings.compiled_hooks and Finisher is not None:
+            self.finish = self._compiled_finish()  # type: ignore[method-assign]
+
+    def _compiled_finish(self) -> Any:
+        """``finish`` in C: the same steps, each called only when it has work to do
+        (measured in a loop: 0.82 -> 0.54 µs a request without a head-sample draw)."""
+        stats, histograms = self.metrics.stats, self.metrics.stats.histograms
+        return Finisher(
+            inflight=self.inflight,
+            perf_counter=perf_counter,
+            stats=stats,
+            observe_queries=observe_queries,
+            query_bounds=histograms[2].float_bounds,
+            slow_routes=self._slow_routes or None,
+            detect_slow=self._detect_slow,
+            profile=self._attach_profile if self.settings.profile_token else None,
+            nplusone=getattr(self._nplusone, "compiled", None) or self._nplusone,
+            keep=self._keep_trace,
+            head_sampled=self.head_sampled,
+            on_error=self.internal_error,
+            where_metrics="Metrics.request_ended",
+            where_slow="Agent._detect_slow",
+            where_profile="Agent._attach_profile",
+            where_nplusone="NPlusOneDetector",
+            where_keep="Agent._keep_trace",
+            slow_s=self._slow_s,
+            duration_bounds=histograms[0].float_bounds,
+            count_bounds=histograms[1].float_bounds,
+            wait_bounds=histograms[3].float_bounds,
+            getrandbits=random.getrandbits,
+            root_parent=ROOT_PARENT,
+            sample_bound=self.sampler.bound,
+            parent_based=self.sampler.parent_based,
+        )
 
     def _otel_bridge(self) -> Any:
         try:

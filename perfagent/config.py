@@ -35,7 +35,8 @@ class Settings:
     nplusone_min: int = 5
     log_format: str = "console"
     server_timing: bool = True
-    #: The per-query work in C (perfagent/_speedups.c) where it was built.
+    #: The per-query and per-request work in C (perfagent/_speedups.c, _perrequest.c)
+    #: where it was built.
     compiled_hooks: bool = True
     trace_sample: float = 0.01
     service_name: str = "unknown_service:python"

@@ -20,6 +20,9 @@ current: ContextVar[RequestRecord | None] = ContextVar("perfagent.request", defa
 
 _duration = itemgetter(5)  # Query.duration (perfagent/db/capture.py)
 
+#: ``RequestRecord.parent`` of a request whose caller sent no trace context.
+ROOT_PARENT: tuple[int, None, None] = (0, None, None)
+
 KNOWN_METHODS = frozenset(
     ("CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE", "QUERY")
 )
@@ -145,7 +148,7 @@ class RequestRecord:
             parsed = parse_traceparent(raw_parent) if raw_parent else None
             if parsed is None:
                 self._trace_id = random.getrandbits(128) or 1
-                self.parent = (0, None, None)
+                self.parent = ROOT_PARENT
             else:
                 self._trace_id = parsed[0]
                 self.parent = (parsed[1], parsed[2], state)
@@ -166,6 +169,14 @@ class RequestRecord:
         if self.findings is None:
             self.findings = []
         self.findings.append((event, fields))
+
+
+try:  # the compiled per-request code reads and writes the record's slots directly
+    from perfagent._perrequest import use_record_type
+except ImportError:
+    pass
+else:
+    use_record_type(RequestRecord)
 
 
 def active() -> RequestRecord | None:

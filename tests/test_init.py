@@ -215,9 +215,9 @@ def test_the_request_span_is_attached_and_detached_through_the_variable_or_the_a
 
     bridge = OtelBridge(lambda record: False)
     if through_api:
-        bridge._variable = None  # as with another OTEL_PYTHON_CONTEXT
+        bridge.variable = None  # as with another OTEL_PYTHON_CONTEXT
     else:
-        assert bridge._variable is not None
+        assert bridge.variable is not None
     token = bridge.enter()
     assert token is not None and trace.get_current_span() is bridge._span
     bridge.exit(token)

@@ -3,12 +3,14 @@ thread, and never lost at exit, at shutdown or when a worker forks."""
 
 from __future__ import annotations
 
+import gc
 import io
 import subprocess
 import sys
 import time
 from datetime import datetime
 
+import pytest
 from helpers import clean_env
 
 from perfagent.export.logs import MAX_QUEUED, VARIES, make_logger
@@ -30,9 +32,10 @@ def _timestamp(line: str) -> float:
     return datetime.fromisoformat(line.split()[0].replace("Z", "+00:00")).timestamp()
 
 
-def test_queued_lines_are_written_in_order_in_one_write_with_their_own_time():
+@pytest.mark.parametrize("compiled", [True, False])
+def test_queued_lines_are_written_in_order_in_one_write_with_their_own_time(compiled):
     stream = _Writes()
-    log = make_logger("console", stream)
+    log = make_logger("console", stream, compiled=compiled)
     emit = log.prepare("warning", "n_plus_one", route="/r", count=VARIES)
     log.deferred = True
     logged_at = time.time()
@@ -48,6 +51,20 @@ def test_queued_lines_are_written_in_order_in_one_write_with_their_own_time():
     assert [line.split()[-2] for line in lines] == ["count=3", "[perfagent]", "count=4"]
     # Each line carries the time of its event, not of the write.
     assert all(abs(_timestamp(line) - logged_at) < 0.04 for line in lines)
+
+
+def test_a_line_prepared_in_c_is_queued_as_text():
+    """Nothing per event for the garbage collector to track while it waits."""
+    from perfagent.export import logs
+
+    assert logs.PreparedLine is not None, "perfagent/_perrequest.c was not built"
+    log = make_logger("console", io.StringIO())
+    emit = log.prepare("warning", "n_plus_one", route="/r", count=VARIES)
+    log.deferred = True
+    emit(3)
+    (queued,) = log._queue
+    assert queued.__class__ is str and not gc.is_tracked(queued)
+    assert queued.endswith("[perfagent] count=3 route=/r")
 
 
 def test_not_deferred_each_line_is_written_at_once():

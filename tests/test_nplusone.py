@@ -428,17 +428,23 @@ def test_the_compiled_grouping_matches_the_python_one():
     assert [len(g) for _, g in repeats(rows, 5)] == [8, 8]
 
 
-@pytest.mark.parametrize("log_format", ["console", "json"])
-def test_a_prepared_finding_line_is_the_line_the_logger_writes(log_format):
+@pytest.mark.parametrize(
+    ("log_format", "compiled"), [("console", True), ("console", False), ("json", True)]
+)
+def test_a_prepared_finding_line_is_the_line_the_logger_writes(log_format, compiled):
     """The N+1 detector logs a repeating finding through ``EventLog.prepare``: each
     line must be exactly what ``warning()`` writes for the same fields (quoting,
-    braces, escapes, None, bools, NaN, key order), timestamps aside."""
+    braces, escapes, None, bools, NaN, key order), timestamps aside; console lines
+    both in C (perfagent/_perrequest.c) and in Python."""
     import io
 
+    from perfagent.export import logs
     from perfagent.export.logs import VARIES, make_logger
 
+    if log_format == "console" and compiled:
+        assert logs.PreparedLine is not None, "perfagent/_perrequest.c was not built"
     stream = io.StringIO()
-    log = make_logger(log_format, stream)
+    log = make_logger(log_format, stream, compiled=compiled)
     fixed = {
         "route": "/items/{item_id}",
         "method": "GET",
@@ -463,6 +469,26 @@ def test_a_prepared_finding_line_is_the_line_the_logger_writes(log_format):
     assert len(lines) == 2 * len(cases)
     for prepared, generic in zip(lines[0::2], lines[1::2], strict=True):
         assert prepared == generic
+
+
+def test_the_compiled_line_has_the_python_lines_timestamp():
+    """_perrequest.PreparedLine against ConsoleLine's Python render at the same instant:
+    the same date, second and microseconds, across second and year boundaries, with a
+    varying first part (the line's date is made once a second, so each instant is
+    rendered after a different one); and a wrong number of values is refused."""
+    from perfagent.export.logs import VARIES, ConsoleLine
+
+    fields = {"advice": VARIES, "count": VARIES, "route": "/r"}
+    compiled = ConsoleLine(False, True).prepare("warning", "n_plus_one", fields)
+    python = ConsoleLine(False, False).prepare("warning", "n_plus_one", fields)
+    assert type(compiled).__name__ == "PreparedLine"
+    instants = [0.0, 0.5, 59.999999, 1767225599.9999995, 1767225600.0, 1763700000.123456]
+    instants += [1763700000 + i / 7 for i in range(30)]
+    for now in instants + instants[::-1]:
+        values = ("a b" if now % 2 < 1 else "ab", int(now))
+        assert compiled(now, values) == python(now, values)
+    with pytest.raises(ValueError):
+        compiled(1.0, (1,))
 
 
 def test_the_compiled_query_histogram_matches_the_python_one():
@@ -568,3 +594,43 @@ def test_the_compiled_group_summary_matches_the_python_one():
     unhashable = [query([i]) for i in range(6)]
     assert summary(unhashable) is NotImplemented
     assert _summary(unhashable)[:2] == (6, False)
+
+
+def test_a_query_of_atoms_is_untracked_by_the_garbage_collector():
+    """The C hook untracks a captured query whose parts hold no container (the row's
+    parameters, its Shape, its sites): no cycle can pass through it, and the young
+    collections of a busy server no longer find every in-flight query. A query whose
+    parameters hold a list stays tracked."""
+    import gc
+    import sqlite3
+
+    import perfagent
+    from perfagent.db import drivers
+    from perfagent.record import RequestRecord, current
+
+    assert drivers.SqlHook is not None, "perfagent/_speedups.c was not built by pip install"
+    perfagent.init(metrics_port=0, console_url="http://127.0.0.1:9")
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE t (id INTEGER, name TEXT)")
+    conn.execute("INSERT INTO t VALUES (1, 'a')")
+
+    def view(record: RequestRecord) -> None:
+        token = current.set(record)
+        try:
+            row = conn.execute("SELECT id FROM t").fetchone()
+            conn.execute("SELECT name FROM t WHERE id = ?", row).fetchone()
+            conn.execute("SELECT name FROM t WHERE id = ?", [1]).fetchone()
+        finally:
+            current.reset(token)
+
+    view(RequestRecord("GET", 0.0, None))  # the first time: shapes and sites cached
+    record = RequestRecord("GET", 0.0, None)
+    view(record)
+    first, by_row, by_list = record.queries
+    assert by_row.params == (1,) and by_list.params == [1]
+    for query in (first, by_row):
+        assert not gc.is_tracked(query), query
+        assert not gc.is_tracked(query.shape) and not gc.is_tracked(query.sites)
+    assert not gc.is_tracked(by_row.params)
+    assert gc.is_tracked(by_list) and gc.is_tracked(by_list.params)
+    conn.close()

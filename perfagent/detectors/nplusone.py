@@ -14,17 +14,22 @@ request lands in the same record whatever task or thread issued it.
 
 from __future__ import annotations
 
+import random
 from operator import attrgetter
 from typing import Any, NamedTuple
 
 from perfagent.export.logs import VARIES
-from perfagent.record import RequestRecord
+from perfagent.record import ROOT_PARENT, RequestRecord
 
 try:  # the grouping in C, built by pip where a C compiler is found (perfagent/_speedups.c)
     from perfagent._speedups import repeats as _compiled_repeats
     from perfagent._speedups import summary as _compiled_summary
 except ImportError:
     _compiled_repeats = _compiled_summary = None
+try:  # the rest of the common case (perfagent/_perrequest.c)
+    from perfagent._perrequest import NPlusOneReporter
+except ImportError:
+    NPlusOneReporter = None
 
 
 def _repeats(queries: list[Any], minimum: int) -> list[tuple[str, list[Any]]]:
@@ -85,6 +90,26 @@ class NPlusOneDetector:
         self._repeats = _compiled_repeats if use_c else _repeats
         self._summary = _compiled_summary if use_c else _summary
         self._findings: dict[tuple, _Finding] = {}
+        #: ``__call__`` in C (``_perrequest.NPlusOneReporter``) where it was built: the
+        #: N+1 route's detector step ~35,300 -> ~26,900 CPU instructions a request.
+        self.compiled = (
+            NPlusOneReporter(
+                repeats=_compiled_repeats,
+                summary=_compiled_summary,
+                python_summary=_summary,
+                findings=self._findings,
+                make_finding=self._finding,
+                send=self._send,
+                stats=agent.metrics.stats,
+                fresh=agent.fresh,
+                getrandbits=random.getrandbits,
+                root_parent=ROOT_PARENT,
+                round=round,
+                minimum=self._minimum,
+            )
+            if use_c and NPlusOneReporter is not None
+            else None
+        )
 
     def __call__(self, record: RequestRecord) -> None:
         queries = record.queries
@@ -110,6 +135,33 @@ class NPlusOneDetector:
         repeats = self._agent.fresh(finding.key)
         if repeats is None:
             return  # exported a moment ago: folded into the next export's repeats
+        self._send(
+            record,
+            kind,
+            finding,
+            fingerprint,
+            count,
+            total_ms,
+            trace_id,
+            distinct_parameters,
+            first,
+            repeats,
+        )
+
+    def _send(
+        self,
+        record: RequestRecord,
+        kind: str,
+        finding: _Finding,
+        fingerprint: str,
+        count: int,
+        total_ms: float,
+        trace_id: str,
+        distinct_parameters: int | None,
+        first: Any,
+        repeats: int,
+    ) -> None:
+        """A finding due for export: onto the request's trace and to the console."""
         fields: dict[str, Any] = {
             "route": finding.route,
             "method": record.method,

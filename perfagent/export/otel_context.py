@@ -56,25 +56,26 @@ class OtelBridge:
         runtime_context = getattr(otel_context, "_RUNTIME_CONTEXT", None)
         variable = getattr(runtime_context, "_current_context", None)
         #: The ContextVar behind OpenTelemetry's current context, if that is its runtime.
-        self._variable = variable if isinstance(variable, ContextVar) else None
+        self.variable: ContextVar | None = variable if isinstance(variable, ContextVar) else None
         self._span = RequestSpan(invalid)
-        self._shared = trace.set_span_in_context(self._span, otel_context.Context())
+        #: The context attached when no other is current: the request span alone.
+        self.shared = trace.set_span_in_context(self._span, otel_context.Context())
 
     def enter(self) -> Any:
         """Attach the request span unless a span is already current; returns a token or None."""
-        runtime, variable = self._runtime, self._variable
+        runtime, variable = self._runtime, self.variable
         context = runtime.get_current() if variable is None else variable.get()
         if context.get(self._key) is not None:
             return None  # FastAPI's or OpenTelemetry's own server span is current
-        attached = runtime.set_value(self._key, self._span, context) if context else self._shared
+        attached = runtime.set_value(self._key, self._span, context) if context else self.shared
         return runtime.attach(attached) if variable is None else variable.set(attached)
 
     def exit(self, token: Any) -> None:
-        if self._variable is None:
+        if self.variable is None:
             self._runtime.detach(token)
             return
         try:
-            self._variable.reset(token)
+            self.variable.reset(token)
         except (ValueError, RuntimeError):
             pass  # set in another context, or reset already (the API's detach logs it)
 

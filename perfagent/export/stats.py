@@ -69,7 +69,8 @@ class RequestStats:
         self.compiled = True
         self._gauge = gauge
         self._histograms = list(histograms)
-        self._local = threading.local()
+        #: What holds each thread's ``buffer``; a new one after a fork.
+        self.local = threading.local()
         self._buffers: list[_ThreadBuffer] = []
         self._register = threading.Lock()  # once per thread, never per request
         self._flush_lock = threading.Lock()  # agent thread and scrapes; never a request
@@ -79,11 +80,16 @@ class RequestStats:
         #: (method, route) -> request counts per duration bucket since ``take_window()``.
         self._window: dict[tuple[str, str], list[int]] = {}
 
+    @property
+    def histograms(self) -> list[Buffered]:
+        """The histograms, by slot: duration, query count, queries, pool wait."""
+        return self._histograms
+
     def buffer(self) -> _ThreadBuffer:
         try:
-            return self._local.buffer
+            return self.local.buffer
         except AttributeError:
-            buffer = self._local.buffer = _ThreadBuffer(len(self._histograms))
+            buffer = self.local.buffer = _ThreadBuffer(len(self._histograms))
             with self._register:
                 self._buffers.append(buffer)
             return buffer
@@ -92,7 +98,7 @@ class RequestStats:
 
     def started(self, method: str) -> None:
         try:
-            buffer = self._local.buffer  # ``buffer()`` inlined: this runs per request
+            buffer = self.local.buffer  # ``buffer()`` inlined: this runs per request
         except AttributeError:
             buffer = self.buffer()
         counts = buffer.active.get(method)
@@ -116,7 +122,7 @@ class RequestStats:
         11-query route: 17,000 instructions as five calls, each finding the
         thread's buffer again; 11,000 so)."""
         try:
-            buffer = self._local.buffer  # ``buffer()`` inlined: this runs per request
+            buffer = self.local.buffer  # ``buffer()`` inlined: this runs per request
         except AttributeError:
             buffer = self.buffer()
         counts = buffer.active.get(method)
@@ -137,7 +143,7 @@ class RequestStats:
         ``inc()`` takes a lock, and under ``perfagent run`` writes its file
         (measured: 0.24 µs in-process, 0.77 µs in multiprocess mode)."""
         try:
-            counts = self._local.buffer.counts
+            counts = self.local.buffer.counts
         except AttributeError:
             counts = self.buffer().counts
         entry = counts.get(child)
@@ -224,7 +230,7 @@ class RequestStats:
 
     def after_fork_in_child(self) -> None:
         """A forked worker starts from zero: its parent's counts are the parent's."""
-        self._local = threading.local()
+        self.local = threading.local()
         self._buffers = []
         self._merged = {}
         self._window = {}

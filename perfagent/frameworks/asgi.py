@@ -13,8 +13,10 @@ mount prefix as a template even when the mount path has parameters.
 
 from __future__ import annotations
 
+import asyncio.tasks
 import hmac
-from asyncio import current_task
+import sys
+from asyncio import current_task, get_running_loop
 from threading import get_ident
 from time import perf_counter
 from types import MethodType
@@ -22,7 +24,12 @@ from typing import Any
 
 from perfagent.agent import Agent
 from perfagent.patching import Patch
-from perfagent.record import RequestRecord, current, normalize_method
+from perfagent.record import KNOWN_METHODS, RequestRecord, current, normalize_method
+
+try:  # built by pip where a C compiler is found (perfagent/_perrequest.c)
+    from perfagent._perrequest import AsgiBegin, end_request
+except ImportError:
+    AsgiBegin = end_request = None
 
 _SERVER_TIMING = b"server-timing"
 
@@ -63,102 +70,215 @@ class RouteTemplates:
 
 
 class PerfagentASGI:
-    """The middleware. One instance per app, created when the app builds its stack."""
+    """The middleware. One instance per app, created when the app builds its stack.
+
+    A request's start (its record, the context variables, the in-flight entry)
+    and its end (the resets and the pipeline) are ``begin`` and ``end``: in C
+    where it was built (``_perrequest.AsgiBegin``, ``end_request``), else the
+    Python reference below (``_PythonBegin``, ``_python_end``). This coroutine
+    stays in Python either way: its frame, with its ``record`` local, is how the
+    stack sampler and the loop watchdog tell which request a stack serves.
+    """
 
     def __init__(
         self, app: Any, agent: Agent, templates: RouteTemplates, foreign: bool = False
     ) -> None:
         self.app = app
         self._agent = agent
-        self._templates = templates
-        self._server_timing = agent.settings.server_timing
-        #: OpenTelemetry's middleware is inside: it makes the server spans.
-        self._foreign = foreign
         token = agent.settings.profile_token
-        self._profile_token = token.encode() if token else None
+        # OpenTelemetry's middleware is inside (foreign): it makes the server spans.
+        options = (
+            templates.resolve,
+            agent.settings.server_timing,
+            foreign,
+            token.encode() if token else None,
+        )
+        if agent.settings.compiled_hooks and AsgiBegin is not None:
+            self._begin = _compiled_begin(agent, *options)
+            self._end = end_request
+        else:
+            self._begin = _PythonBegin(agent, *options)
+            self._end = _python_end
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if self._agent.loop_watch_pending:  # once per loop (lifespan or first request)
             self._agent.watch_loop()
-        if scope["type"] != "http" or not self._agent.running:
+        request = self._begin(scope, send)
+        if request is None:  # not HTTP, the agent stopped, or an outer adapter times it
             await self.app(scope, receive, send)
             return
-        outer = current.get()
-        if outer is not None and not outer.done:
-            # A mounted app, or a second instrumentation of the same app: the
-            # outer adapter already counts this request.
-            await self.app(scope, receive, send)
-            return
-
-        agent = self._agent
-        record = RequestRecord(normalize_method(scope["method"]), perf_counter(), scope)
-        record.resolver = resolve = self._templates.resolve
-        if self._foreign or "fastapi.telemetry" in scope:
-            # FastAPI's built-in telemetry (outside us) or OpenTelemetry's middleware
-            # (inside us) makes this request's server span; its ids are the request's.
-            record.foreign = True
-        if self._profile_token is not None:
-            record.profile = _asks_for_profile(scope, self._profile_token)
-        token = current.set(record)
-        agent.inflight[record] = (get_ident(), current_task())  # for the slow-request sampler
-        if not agent.thread.running:
-            agent.thread.ensure_started()
-        # With OpenTelemetry's middleware inside, it must find no span current, or
-        # it would make its server span an INTERNAL one.
-        otel = None if self._foreign else agent.otel
-        otel_token = None
+        record = request.record  # read by the stack sampler and the loop watchdog
         try:
-            agent.metrics.stats.started(record.method)
-            if otel is not None:
-                otel_token = otel.enter()
-        except Exception as exc:
-            agent.internal_error("asgi.start", exc)
-        server_timing = self._server_timing
-
-        # A plain function returning send's awaitable, not a coroutine of its own:
-        # one frame less on every send (measured: ~1.5 µs per request on /hello).
-        def send_wrapper(message: Any) -> Any:
-            kind = message["type"]
-            if kind == "http.response.body":
-                if not message.get("more_body", False):
-                    record.end = perf_counter()
-                    if record.first_byte is None:
-                        record.first_byte = record.end
-                elif record.first_byte is None:
-                    record.first_byte = perf_counter()
-                    record.streaming = True
-            elif kind == "http.response.start":
-                try:
-                    now = record.response_start = perf_counter()
-                    record.status = message["status"]
-                    if record.route is None:
-                        record.route = resolve(record) or ""
-                    if server_timing:
-                        value = b"total;dur=%.3f" % ((now - record.start) * 1000.0)
-                        if record.queries:
-                            value += b', db;dur=%.3f;desc="%d queries"' % (
-                                record.db_time * 1000.0,
-                                len(record.queries),
-                            )
-                        message["headers"] = [*message.get("headers", ()), (_SERVER_TIMING, value)]
-                except Exception as exc:
-                    agent.internal_error("asgi.response_start", exc)
-            return send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive, request)
         except BaseException as exc:
             if record.status is None:
                 record.status = 500
             record.error_type = type(exc).__qualname__
             raise
         finally:
-            if otel_token is not None:
-                otel.exit(otel_token)
-            current.reset(token)
-            if record.route is None:
-                record.route = ""
-            agent.finish(record)
+            self._end(request)
+
+
+def _compiled_begin(
+    agent: Agent, resolve: Any, server_timing: bool, foreign: bool, profile_token: bytes | None
+) -> Any:
+    otel = agent.otel
+    return AsgiBegin(
+        agent=agent,
+        current=current,
+        record_type=RequestRecord,
+        known_methods=KNOWN_METHODS,
+        resolve=resolve,
+        server_timing=server_timing,
+        foreign=foreign,
+        profile=(lambda scope: _asks_for_profile(scope, profile_token)) if profile_token else None,
+        inflight=agent.inflight,
+        get_running_loop=get_running_loop,
+        # Python 3.11's current_task() is a Python function over this dict; later ones' is C.
+        tasks_by_loop=getattr(asyncio.tasks, "_current_tasks", None)
+        if sys.version_info < (3, 12)
+        else None,
+        current_task=current_task,
+        stats=agent.metrics.stats,
+        otel=otel,
+        otel_variable=None if otel is None else otel.variable,
+        otel_shared=None if otel is None else otel.shared,
+    )
+
+
+class _PythonBegin:
+    """``begin(scope, send)``: the request's record and send wrapper, or None when this
+    adapter does not time the request (the Python reference of ``AsgiBegin``)."""
+
+    def __init__(
+        self,
+        agent: Agent,
+        resolve: Any,
+        server_timing: bool,
+        foreign: bool,
+        profile_token: bytes | None,
+    ) -> None:
+        self._agent = agent
+        self._resolve = resolve
+        self._server_timing = server_timing
+        self._foreign = foreign
+        self._profile_token = profile_token
+
+    def __call__(self, scope: Any, send: Any) -> _Request | None:
+        agent = self._agent
+        try:
+            record = self._record(scope)
+        except Exception as exc:  # the agent's error, not the app's: the request goes untimed
+            agent.internal_error("asgi.start", exc)
+            return None
+        if record is None:
+            return None
+        request = _Request(record, send, self._resolve, self._server_timing, agent)
+        request.token = current.set(record)
+        agent.inflight[record] = (get_ident(), current_task())  # for the slow-request sampler
+        if not agent.thread.running:
+            agent.thread.ensure_started()
+        # With OpenTelemetry's middleware inside, it must find no span current, or
+        # it would make its server span an INTERNAL one.
+        otel = None if self._foreign else agent.otel
+        try:
+            agent.metrics.stats.started(record.method)
+            if otel is not None:
+                request.otel_token = otel.enter()
+                request.otel = otel
+        except Exception as exc:
+            agent.internal_error("asgi.start", exc)
+        return request
+
+    def _record(self, scope: Any) -> RequestRecord | None:
+        if scope["type"] != "http" or not self._agent.running:
+            return None
+        outer = current.get()
+        if outer is not None and not outer.done:
+            # A mounted app, or a second instrumentation of the same app: the
+            # outer adapter already counts this request.
+            return None
+        record = RequestRecord(normalize_method(scope["method"]), perf_counter(), scope)
+        record.resolver = self._resolve
+        if self._foreign or "fastapi.telemetry" in scope:
+            # FastAPI's built-in telemetry (outside us) or OpenTelemetry's middleware
+            # (inside us) makes this request's server span; its ids are the request's.
+            record.foreign = True
+        if self._profile_token is not None:
+            record.profile = _asks_for_profile(scope, self._profile_token)
+        return record
+
+
+class _Request:
+    """The send wrapper of one request: sees the status, the first and the last
+    body message, and adds Server-Timing; never reads or buffers the body."""
+
+    __slots__ = (
+        "_agent",
+        "_resolve",
+        "_send",
+        "_server_timing",
+        "otel",
+        "otel_token",
+        "record",
+        "token",
+    )
+
+    def __init__(
+        self, record: RequestRecord, send: Any, resolve: Any, server_timing: bool, agent: Agent
+    ) -> None:
+        self.record = record
+        self._send = send
+        self._resolve = resolve
+        self._server_timing = server_timing
+        self._agent = agent
+        self.token: Any = None
+        self.otel: Any = None
+        self.otel_token: Any = None
+
+    def __call__(self, message: Any) -> Any:
+        record = self.record
+        kind = message["type"]
+        if kind == "http.response.body":
+            if not message.get("more_body", False):
+                record.end = perf_counter()
+                if record.first_byte is None:
+                    record.first_byte = record.end
+            elif record.first_byte is None:
+                record.first_byte = perf_counter()
+                record.streaming = True
+        elif kind == "http.response.start":
+            try:
+                now = record.response_start = perf_counter()
+                record.status = message["status"]
+                if record.route is None:
+                    record.route = self._resolve(record) or ""
+                if self._server_timing:
+                    value = b"total;dur=%.3f" % ((now - record.start) * 1000.0)
+                    if record.queries:
+                        value += b', db;dur=%.3f;desc="%d queries"' % (
+                            record.db_time * 1000.0,
+                            len(record.queries),
+                        )
+                    message["headers"] = [*message.get("headers", ()), (_SERVER_TIMING, value)]
+            except Exception as exc:
+                self._agent.internal_error("asgi.response_start", exc)
+        return self._send(message)
+
+
+def _python_end(request: _Request) -> None:
+    """The request is over: the context variables reset, then the pipeline (the
+    Python reference of ``_perrequest.end_request``)."""
+    record = request.record
+    if request.otel_token is not None:
+        request.otel.exit(request.otel_token)
+    try:
+        current.reset(request.token)
+    except (ValueError, RuntimeError) as exc:  # set in another context: not the app's problem
+        request._agent.internal_error("asgi.end", exc)
+    if record.route is None:
+        record.route = ""
+    request._agent.finish(record)
 
 
 def _asks_for_profile(scope: Any, token: bytes) -> bool:

@@ -72,7 +72,13 @@ class Instrumentations:
         """Each request's wait for a pool thread (see threadpool.py); once per agent."""
         if not self._pool_hooked:
             self._pool_hooked = True
-            self._hooks({"anyio.to_thread": lambda m: threadpool.install(m, self.agent.patches)})
+            self._hooks(
+                {
+                    "anyio.to_thread": lambda m: threadpool.install(
+                        m, self.agent.patches, self.agent.settings.compiled_hooks
+                    )
+                }
+            )
 
     def instrument_databases(self) -> None:
         """Query capture in every supported driver, imported now or later."""

@@ -1,0 +1,196 @@
+"""The ASGI adapter's start and end of a request, in C (``_perrequest.AsgiBegin``,
+``AsgiRequest``, ``end_request``) and in Python (``_PythonBegin``, ``_Request``,
+``_python_end``): the same records, headers and clean-up from both, on a real
+FastAPI app called in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sqlite3
+import time
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
+from opentelemetry import trace
+
+import perfagent
+from perfagent.frameworks import asgi
+from perfagent.record import current
+
+
+def _app(db: str) -> tuple[FastAPI, dict]:
+    app = FastAPI()
+    sub = FastAPI()
+    seen: dict = {}
+
+    @app.get("/items/{item_id}")
+    async def item(item_id: int):
+        seen["span"] = trace.get_current_span().get_span_context()
+        seen["record"] = current.get()
+        with sqlite3.connect(db) as conn:
+            conn.execute("SELECT 1").fetchall()
+            conn.execute("SELECT 2").fetchall()
+        return {"item": item_id}
+
+    @app.get("/stream")
+    async def stream():
+        async def chunks():
+            for chunk in (b"a", b"b", b"c"):
+                yield chunk
+                await asyncio.sleep(0.005)
+
+        return StreamingResponse(chunks())
+
+    @app.get("/boom")
+    async def boom():
+        raise LookupError("the view failed")
+
+    @sub.get("/inner")
+    async def inner():
+        return {}
+
+    app.mount("/sub", sub)
+    return app, seen
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_the_adapter_records_each_request_once_and_cleans_up(tmp_path, compiled):
+    app, seen = _app(str(tmp_path / "db.sqlite"))
+    perfagent.init(app, metrics_port=0, compiled_hooks=compiled)
+    agent = perfagent._state["agent"]
+    begin = next(a for a in _adapters(app))._begin
+    assert type(begin).__name__ == ("AsgiBegin" if compiled else "_PythonBegin")
+    finished = []
+    finish = agent.finish
+
+    def spy(record):  # watches what reaches the pipeline; changes nothing
+        finished.append(record)
+        finish(record)
+
+    agent.finish = spy
+
+    async def main():
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            responses = {}
+            for path in ("/items/3", "/stream", "/boom", "/sub/inner"):
+                responses[path] = await client.get(path)
+            responses["FOO"] = await client.request("FOO", "/items/3")
+        return responses, trace.get_current_span(), current.get()
+
+    responses, span_after, record_after = asyncio.run(main())
+    by_path = {r.carrier["path"]: r for r in finished if r.method == "GET"}
+    assert len(finished) == 5, "each request once, the mounted app's too"
+    assert span_after is trace.INVALID_SPAN and record_after is None
+    assert not agent.inflight
+
+    item = by_path["/items/3"]
+    assert seen["record"] is item and item.done
+    assert seen["span"].trace_id == item.trace_ids()[0]
+    assert (item.method, item.route, item.status, item.error_type) == (
+        "GET",
+        "/items/{item_id}",
+        200,
+        None,
+    )
+    assert item.start <= item.response_start <= item.first_byte == item.end
+    assert not item.streaming and len(item.queries) == 2
+    timing = responses["/items/3"].headers["server-timing"]
+    total = re.fullmatch(r'total;dur=(\d+\.\d{3}), db;dur=(\d+\.\d{3});desc="2 queries"', timing)
+    assert total is not None, timing
+    assert total.group(2) == f"{item.db_time * 1000:.3f}"
+    assert float(total.group(1)) <= (item.end - item.start) * 1000 + 0.001
+
+    stream = by_path["/stream"]
+    assert stream.streaming and stream.first_byte < stream.end
+    assert responses["/stream"].content == b"abc"
+    assert "db;" not in responses["/stream"].headers["server-timing"]
+
+    boom = by_path["/boom"]
+    assert (boom.status, boom.error_type, boom.route) == (500, "LookupError", "/boom")
+    assert responses["/boom"].status_code == 500
+
+    assert by_path["/sub/inner"].route == "/sub/inner"
+    other = [r for r in finished if r.method == "_OTHER"]
+    assert len(other) == 1 and other[0].status == 405
+
+    buffer = agent.metrics.stats.buffer()
+    assert {method: started - ended for method, (started, ended) in buffer.active.items()} == {
+        "GET": 0,
+        "_OTHER": 0,
+    }
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_the_agents_own_failure_at_the_start_leaves_the_request_untimed(
+    tmp_path, monkeypatch, compiled
+):
+    """A record that cannot be made (the record class broken on purpose) is an internal
+    error of the agent: the app still answers, untimed."""
+    app, _ = _app(str(tmp_path / "db.sqlite"))
+    monkeypatch.setattr(asgi, "RequestRecord", _Broken)
+    perfagent.init(app, metrics_port=0, compiled_hooks=compiled)
+    agent = perfagent._state["agent"]
+
+    async def main():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.get("/items/1")
+
+    response = asyncio.run(main())
+    assert response.status_code == 200 and "server-timing" not in response.headers
+    assert "asgi.start" in agent._errors_logged
+    assert not agent.inflight and current.get() is None
+
+
+class _Broken:
+    def __init__(self, *args: object) -> None:
+        raise RuntimeError("a bug in the agent")
+
+
+def _adapters(app):
+    """The perfagent adapters in an app's built middleware stack."""
+    if app.middleware_stack is None:
+        app.middleware_stack = app.build_middleware_stack()
+    stack = app.middleware_stack
+    while stack is not None:
+        if isinstance(stack, asgi.PerfagentASGI):
+            yield stack
+        stack = getattr(stack, "app", None)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_request_that_waits_for_a_pool_thread_has_its_wait_recorded(compiled):
+    """``def`` views run on anyio's pool: with one thread, the third of three requests
+    waits for the two before it (``RunSync`` in C, the closure in Python)."""
+    import anyio.to_thread
+
+    app = FastAPI()
+
+    @app.get("/sync")
+    def sync_view():
+        time.sleep(0.05)
+        return {}
+
+    perfagent.init(app, metrics_port=0, compiled_hooks=compiled)
+    agent = perfagent._state["agent"]
+    assert type(anyio.to_thread.run_sync).__name__ == ("RunSync" if compiled else "function")
+    finished = []
+    finish = agent.finish
+    agent.finish = lambda record: (finished.append(record), finish(record))
+
+    async def main():
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 1
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            await asyncio.gather(*(client.get("/sync") for _ in range(3)))
+        # Outside a request the pool is used as it is, with nothing recorded.
+        return await anyio.to_thread.run_sync(lambda x: x * 2, 21)
+
+    assert asyncio.run(main()) == 42
+    waits = sorted(record.thread_wait for record in finished)
+    assert len(waits) == 3 and 0.0 <= waits[0] < 0.04
+    assert waits[-1] >= 0.08  # two 50 ms views ran before it
