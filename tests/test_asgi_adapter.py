@@ -6,6 +6,7 @@ FastAPI app called in-process."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import sqlite3
 import time
@@ -30,7 +31,7 @@ def _app(db: str) -> tuple[FastAPI, dict]:
     async def item(item_id: int):
         seen["span"] = trace.get_current_span().get_span_context()
         seen["record"] = current.get()
-        with sqlite3.connect(db) as conn:
+        with contextlib.closing(sqlite3.connect(db)) as conn:  # `with conn` only commits
             conn.execute("SELECT 1").fetchall()
             conn.execute("SELECT 2").fetchall()
         return {"item": item_id}

@@ -180,8 +180,8 @@ def test_the_sqlite3_hook_is_compiled_where_a_compiler_is_found():
     from perfagent.record import RequestRecord, current
 
     perfagent.init(metrics_port=0)
+    connection = sqlite3.connect(":memory:")
     try:
-        connection = sqlite3.connect(":memory:")
         connection_class = type(connection)
         assert isinstance(connection_class.__dict__["execute"], drivers.SqlHook)
         assert isinstance(connection_class.__dict__["executemany"], drivers.SqlHook)
@@ -212,6 +212,7 @@ def test_the_sqlite3_hook_is_compiled_where_a_compiler_is_found():
         ]
         assert record.db_time > 0
     finally:
+        connection.close()
         perfagent.shutdown()
 
 
