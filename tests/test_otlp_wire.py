@@ -238,3 +238,203 @@ def test_the_table_of_written_attributes_keeps_what_repeats_and_stays_bounded():
     for n in range(3000):
         wire.attributes(b"\x4a", {"db.query.text": f"SELECT {n}"})
     assert 0 < len(wire._known) <= wire._KNOWN_MAX
+
+
+def test_the_resource_holds_the_service_and_the_otel_resource_attributes():
+    environ = {"OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=staging, team = web ,bad"}
+    decoded = Resource.FromString(resource("shop", environ))
+    attributes = _attributes(decoded)
+    assert attributes["service.name"] == "shop"
+    assert attributes["deployment.environment"] == "staging" and attributes["team"] == "web"
+    assert attributes["telemetry.sdk.name"] == "perfagent"
+    assert (
+        isinstance(attributes["process.pid"], int) and len(attributes["service.instance.id"]) == 32
+    )
+    assert "bad" not in attributes
+
+
+def test_the_request_histogram_decodes_to_what_opentelemetry_proto_would_write():
+    """Each series of the prometheus-client histogram as a cumulative data point, the
+    message equal to the one built with the library's own classes."""
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+        ExportMetricsServiceRequest,
+    )
+    from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
+    from opentelemetry.proto.metrics.v1.metrics_pb2 import (
+        AggregationTemporality,
+        Histogram,
+        HistogramDataPoint,
+        Metric,
+        ResourceMetrics,
+        ScopeMetrics,
+    )
+    from prometheus_client import CollectorRegistry
+    from prometheus_client import Histogram as PrometheusHistogram
+
+    from perfagent._version import __version__
+    from perfagent.export.otlp import encode_request_histogram
+
+    labels = ("http_request_method", "http_route", "http_response_status_code")
+    histogram = PrometheusHistogram(
+        "http_server_request_duration_seconds",
+        "d",
+        labels,
+        registry=CollectorRegistry(),
+        buckets=(0.005, 0.1, 1.0),
+    )
+    for value in (0.001, 0.002, 0.05, 3.0):
+        histogram.labels("GET", "/items/{id}", "200").observe(value)
+    histogram.labels("POST", "", "").observe(0.2)
+    res = resource("svc")
+    body, total = encode_request_histogram(histogram, res, 1_700_000_000_000_000_000)
+    assert total == 5
+    decoded = ExportMetricsServiceRequest.FromString(body)
+    now = decoded.resource_metrics[0].scope_metrics[0].metrics[0].histogram.data_points[0]
+    expected_points = [
+        HistogramDataPoint(
+            attributes=[
+                KeyValue(key="http.request.method", value=AnyValue(string_value="GET")),
+                KeyValue(key="http.route", value=AnyValue(string_value="/items/{id}")),
+                KeyValue(key="http.response.status_code", value=AnyValue(int_value=200)),
+            ],
+            start_time_unix_nano=1_700_000_000_000_000_000,
+            time_unix_nano=now.time_unix_nano,
+            count=4,
+            sum=3.053,
+            bucket_counts=[2, 1, 0, 1],
+            explicit_bounds=[0.005, 0.1, 1.0],
+        ),
+        HistogramDataPoint(
+            attributes=[
+                KeyValue(key="http.request.method", value=AnyValue(string_value="POST")),
+                KeyValue(key="http.route", value=AnyValue(string_value="")),
+            ],
+            start_time_unix_nano=1_700_000_000_000_000_000,
+            time_unix_nano=now.time_unix_nano,
+            count=1,
+            sum=0.2,
+            bucket_counts=[0, 0, 1, 0],
+            explicit_bounds=[0.005, 0.1, 1.0],
+        ),
+    ]
+    metric = Metric(
+        name="http.server.request.duration",
+        unit="s",
+        description="Duration of HTTP server requests.",
+        histogram=Histogram(
+            data_points=expected_points,
+            aggregation_temporality=AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE,
+        ),
+    )
+    scope = InstrumentationScope(name="perfagent", version=__version__)
+    expected = ExportMetricsServiceRequest(
+        resource_metrics=[
+            ResourceMetrics(
+                resource=Resource.FromString(res),
+                scope_metrics=[ScopeMetrics(scope=scope, metrics=[metric])],
+            )
+        ]
+    )
+    assert decoded == expected
+    assert now.HasField("sum")
+
+
+def test_findings_decode_to_the_log_records_opentelemetry_proto_would_write():
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+    from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
+    from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, ResourceLogs, ScopeLogs
+
+    from perfagent._version import __version__
+    from perfagent.export.otlp import encode_findings
+
+    fields = {"route": "/r", "count": 7, "total_ms": 1.5, "stack": ["a.py:1 f"], "gone": None}
+    findings = [
+        (1_700_000_000_123_456_789, "n_plus_one", fields, (1 << 127) | 3, 9),
+        (1_700_000_001_000_000_000, "event_loop_blocked", {"route": None}, 0, 0),
+    ]
+    res = resource("svc")
+    decoded = ExportLogsServiceRequest.FromString(encode_findings(findings, res))
+    first = LogRecord(
+        time_unix_nano=1_700_000_000_123_456_789,
+        observed_time_unix_nano=1_700_000_000_123_456_789,
+        severity_number=13,
+        severity_text="WARN",
+        event_name="n_plus_one",
+        body=AnyValue(string_value="n_plus_one"),
+        attributes=[
+            KeyValue(key="route", value=AnyValue(string_value="/r")),
+            KeyValue(key="count", value=AnyValue(int_value=7)),
+            KeyValue(key="total_ms", value=AnyValue(double_value=1.5)),
+            KeyValue(
+                key="stack",
+                value=AnyValue(array_value=ArrayValue(values=[AnyValue(string_value="a.py:1 f")])),
+            ),
+        ],
+        trace_id=((1 << 127) | 3).to_bytes(16, "big"),
+        span_id=(9).to_bytes(8, "big"),
+    )
+    second = LogRecord(
+        time_unix_nano=1_700_000_001_000_000_000,
+        observed_time_unix_nano=1_700_000_001_000_000_000,
+        severity_number=13,
+        severity_text="WARN",
+        event_name="event_loop_blocked",
+        body=AnyValue(string_value="event_loop_blocked"),
+    )
+    scope = InstrumentationScope(name="perfagent", version=__version__)
+    expected = ExportLogsServiceRequest(
+        resource_logs=[
+            ResourceLogs(
+                resource=Resource.FromString(res),
+                scope_logs=[ScopeLogs(scope=scope, log_records=[first, second])],
+            )
+        ]
+    )
+    assert decoded == expected
+
+
+def test_the_app_process_never_loads_protobuf():
+    """The agent in the app's process writes its OTLP itself: serving a request that is
+    kept, with a finding, and exporting spans, findings and stats loads neither
+    opentelemetry-proto nor protobuf there."""
+    import subprocess
+    import sys
+
+    from helpers import APPS, clean_env
+
+    code = """
+import asyncio, sys, httpx, perfagent
+from fastapi import FastAPI
+app = FastAPI()
+
+@app.get("/boom")
+async def boom():
+    raise RuntimeError("kept: it failed")
+
+perfagent.init(app, metrics_port=0, console_url="http://127.0.0.1:9")
+agent = perfagent._state["agent"]
+
+async def main():
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        assert (await client.get("/boom")).status_code == 500
+asyncio.run(main())
+agent.report("slow_request", {"route": "/boom"}, None)
+assert agent.exporter._traces and agent.exporter._findings
+agent.exporter.flush()
+agent.exporter.export_stats()
+assert not agent.exporter._traces and not agent.exporter._findings
+loaded = sorted(m for m in sys.modules if m.startswith(("google.protobuf", "opentelemetry.proto")))
+print(loaded)
+perfagent.shutdown()
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=APPS,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"

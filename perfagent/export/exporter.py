@@ -114,7 +114,7 @@ class Exporter:
         self._targets = {s: _Target(s, signal_endpoint(s, console_url)) for s in SIGNALS}
         self._service_name = service_name
         self._metrics = metrics
-        self._resource: Any = None
+        self._resource: bytes | None = None
         self._resource_pid = 0
         self._start_ns = time.time_ns()
         self._spans = SpanWriter()
@@ -151,7 +151,7 @@ class Exporter:
 
     # -- export thread --------------------------------------------------------
 
-    def _res(self) -> Any:
+    def _res(self) -> bytes:
         if self._resource is None or self._resource_pid != os.getpid():
             self._resource, self._resource_pid = resource(self._service_name), os.getpid()
         return self._resource

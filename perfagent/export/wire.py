@@ -1,14 +1,14 @@
-"""Protobuf's wire format, just what OTLP spans need: varints, fixed64s,
+"""Protobuf's wire format, just what OTLP needs: varints, fixed64s, doubles,
 length-delimited fields, and ``KeyValue`` attributes.
 
-Why not opentelemetry-proto's message classes, which the logs and metrics
-exports still use: a kept request of the benchmark's N+1 route (one server
-span, 11 query spans) took 150-200 µs to build as messages and serialize, on
-the export thread, which shares the app's core; 1 % of requests kept made that
-~20,000 CPU instructions a request on average, a tenth of all the agent added
-on that route. Written here as bytes it takes ~20 µs. The tests decode what
-this writes with opentelemetry-proto, so the library stays the judge of the
-format.
+Why not opentelemetry-proto's message classes: a kept request of the
+benchmark's N+1 route (one server span, 11 query spans) took 150-200 µs to
+build as messages and serialize, on the export thread, which shares the app's
+core; 1 % of requests kept made that ~20,000 CPU instructions a request on
+average, a tenth of all the agent added on that route. Written here as bytes
+it takes ~20 µs. And the app's process does not load protobuf at all (see
+``otlp.py``). The tests decode what this writes with opentelemetry-proto, so
+the library stays the judge of the format.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ _MASK_64 = (1 << 64) - 1
 _SMALL = [bytes((n,)) for n in range(128)]
 
 fixed64 = struct.Struct("<Q").pack
-_double = struct.Struct("<d").pack
+double = struct.Struct("<d").pack
 
 
 def varint(value: int) -> bytes:
@@ -62,7 +62,7 @@ def any_value(value: Any) -> bytes:
             return b"\x18" + varint(value)
         return text(b"\x0a", str(value))  # past int64: as its digits, not an error
     if cls is float:
-        return b"\x21" + _double(value)
+        return b"\x21" + double(value)
     if isinstance(value, (list, tuple)):
         return field(b"\x2a", b"".join(field(b"\x0a", any_value(item)) for item in value))
     for base in (int, float, str):  # subclasses (enums, say) as their base
@@ -104,8 +104,9 @@ def attributes(key: bytes, items: dict[str, Any]) -> bytes:
     return b"".join(parts)
 
 
-#: Attributes whose values are new on most requests: never remembered.
-VARYING = frozenset(("url.path", "client.address", "user_agent.original"))
+#: Attributes whose values are new on most requests (a finding's trace id too):
+#: never remembered.
+VARYING = frozenset(("url.path", "client.address", "user_agent.original", "trace_id"))
 #: (field key, attribute name, value) -> the attribute written.
 _known: dict[tuple[bytes, str, Any], bytes] = {}
 _KNOWN_MAX = 1024
