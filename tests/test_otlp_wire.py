@@ -290,32 +290,27 @@ def test_the_request_histogram_decodes_to_what_opentelemetry_proto_would_write()
     assert total == 5
     decoded = ExportMetricsServiceRequest.FromString(body)
     now = decoded.resource_metrics[0].scope_metrics[0].metrics[0].histogram.data_points[0]
+
+    def point(labels: dict, count: int, total: float, counts: list[int]) -> HistogramDataPoint:
+        return HistogramDataPoint(
+            attributes=[KeyValue(key=k, value=AnyValue(**v)) for k, v in labels.items()],
+            start_time_unix_nano=1_700_000_000_000_000_000,
+            time_unix_nano=now.time_unix_nano,
+            count=count,
+            sum=total,
+            bucket_counts=counts,
+            explicit_bounds=[0.005, 0.1, 1.0],
+        )
+
+    get = {
+        "http.request.method": {"string_value": "GET"},
+        "http.route": {"string_value": "/items/{id}"},
+        "http.response.status_code": {"int_value": 200},
+    }
+    post = {"http.request.method": {"string_value": "POST"}, "http.route": {"string_value": ""}}
     expected_points = [
-        HistogramDataPoint(
-            attributes=[
-                KeyValue(key="http.request.method", value=AnyValue(string_value="GET")),
-                KeyValue(key="http.route", value=AnyValue(string_value="/items/{id}")),
-                KeyValue(key="http.response.status_code", value=AnyValue(int_value=200)),
-            ],
-            start_time_unix_nano=1_700_000_000_000_000_000,
-            time_unix_nano=now.time_unix_nano,
-            count=4,
-            sum=3.053,
-            bucket_counts=[2, 1, 0, 1],
-            explicit_bounds=[0.005, 0.1, 1.0],
-        ),
-        HistogramDataPoint(
-            attributes=[
-                KeyValue(key="http.request.method", value=AnyValue(string_value="POST")),
-                KeyValue(key="http.route", value=AnyValue(string_value="")),
-            ],
-            start_time_unix_nano=1_700_000_000_000_000_000,
-            time_unix_nano=now.time_unix_nano,
-            count=1,
-            sum=0.2,
-            bucket_counts=[0, 0, 1, 0],
-            explicit_bounds=[0.005, 0.1, 1.0],
-        ),
+        point(get, 4, 0.001 + 0.002 + 0.05 + 3.0, [2, 1, 0, 1]),  # added up as observed
+        point(post, 1, 0.2, [0, 0, 1, 0]),
     ]
     metric = Metric(
         name="http.server.request.duration",
@@ -354,33 +349,32 @@ def test_findings_decode_to_the_log_records_opentelemetry_proto_would_write():
     ]
     res = resource("svc")
     decoded = ExportLogsServiceRequest.FromString(encode_findings(findings, res))
-    first = LogRecord(
-        time_unix_nano=1_700_000_000_123_456_789,
-        observed_time_unix_nano=1_700_000_000_123_456_789,
-        severity_number=13,
-        severity_text="WARN",
-        event_name="n_plus_one",
-        body=AnyValue(string_value="n_plus_one"),
+
+    def log(when: int, kind: str, **more: object) -> LogRecord:
+        return LogRecord(
+            time_unix_nano=when,
+            observed_time_unix_nano=when,
+            severity_number=13,
+            severity_text="WARN",
+            event_name=kind,
+            body=AnyValue(string_value=kind),
+            **more,
+        )
+
+    stack = AnyValue(array_value=ArrayValue(values=[AnyValue(string_value="a.py:1 f")]))
+    first = log(
+        1_700_000_000_123_456_789,
+        "n_plus_one",
         attributes=[
             KeyValue(key="route", value=AnyValue(string_value="/r")),
             KeyValue(key="count", value=AnyValue(int_value=7)),
             KeyValue(key="total_ms", value=AnyValue(double_value=1.5)),
-            KeyValue(
-                key="stack",
-                value=AnyValue(array_value=ArrayValue(values=[AnyValue(string_value="a.py:1 f")])),
-            ),
+            KeyValue(key="stack", value=stack),
         ],
         trace_id=((1 << 127) | 3).to_bytes(16, "big"),
         span_id=(9).to_bytes(8, "big"),
     )
-    second = LogRecord(
-        time_unix_nano=1_700_000_001_000_000_000,
-        observed_time_unix_nano=1_700_000_001_000_000_000,
-        severity_number=13,
-        severity_text="WARN",
-        event_name="event_loop_blocked",
-        body=AnyValue(string_value="event_loop_blocked"),
-    )
+    second = log(1_700_000_001_000_000_000, "event_loop_blocked")
     scope = InstrumentationScope(name="perfagent", version=__version__)
     expected = ExportLogsServiceRequest(
         resource_logs=[
