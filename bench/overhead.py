@@ -4,7 +4,10 @@
     python bench/overhead.py --apps fastapi-hello --rounds 5 --seconds 10
 
 Each app is served once per configuration, all at the same time, each server
-pinned to core 0 and the load generator (wrk) to core 1. Rounds alternate the
+pinned to core 0 and the load generator (wrk) to core 1, with the receivers of
+what the servers export (perfagent's console, the OTLP sink of
+``opentelemetry-instrument``): core 0 runs nothing but the server measured, and
+the console's own CPU time is printed beside the table. Rounds alternate the
 configurations so a noisy neighbour hurts them all alike. Figures are medians
 over rounds; "ratio" is throughput against the bare app in the same run, and
 "rounds" the lowest and highest of that ratio taken round by round.
@@ -64,6 +67,7 @@ class Server:
     proc: subprocess.Popen
     log: Path
     runs: list[tuple[float, float, float]] = field(default_factory=list)  # rps, p50, p99
+    requests: int = 0  # served in the measured rounds
 
     def wait_ready(self, path: str, timeout: float = 60.0) -> None:
         import urllib.request
@@ -290,9 +294,21 @@ def main() -> int:
     env["PYTHONPATH"] = str(APPS_DIR)
     sink_port, console_port = free_port(), free_port()
     helpers = [
-        subprocess.Popen([sys.executable, str(HERE / "sink.py"), str(sink_port)]),
         subprocess.Popen(
-            [sys.executable, "-m", "perfagent", "console", "--port", str(console_port)],
+            ["taskset", "-c", "1", sys.executable, str(HERE / "sink.py"), str(sink_port)]
+        ),
+        subprocess.Popen(
+            [
+                "taskset",
+                "-c",
+                "1",
+                sys.executable,
+                "-m",
+                "perfagent",
+                "console",
+                "--port",
+                str(console_port),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         ),
@@ -309,11 +325,12 @@ def main() -> int:
                     server.wait_ready(path)
                 for server in servers:  # warm up every server once
                     wrk(server.port, path, 1, args.connections)
+                console_cpu = cpu_seconds(helpers[1].pid)
                 for round_no in range(args.rounds):
                     shift = round_no % len(servers)
                     for server in servers[shift:] + servers[:shift]:
                         try:
-                            rps, p50, p99, _ = wrk(
+                            rps, p50, p99, total = wrk(
                                 server.port, path, args.seconds, args.connections
                             )
                         except subprocess.CalledProcessError as exc:
@@ -323,7 +340,8 @@ def main() -> int:
                                 f"\n{tail}"
                             ) from None
                         server.runs.append((rps, p50, p99))
-                report(app, servers)
+                        server.requests += total
+                report(app, servers, cpu_seconds(helpers[1].pid) - console_cpu)
                 if args.memory and app in ("fastapi-hello", "flask-hello"):
                     memory_run(app, servers, [100_000, 1_000_000], args.connections)
             finally:
@@ -346,9 +364,16 @@ def main() -> int:
     return 0
 
 
-def report(app: str, servers: list[Server]) -> None:
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def report(app: str, servers: list[Server], console_cpu_s: float) -> None:
     """Medians over rounds; "rounds" is the spread of the ratio taken round by round
-    (each against the bare app's run of the same round), to tell a gap from noise."""
+    (each against the bare app's run of the same round), to tell a gap from noise.
+    ``console_cpu_s``: what the console used meanwhile, shown per request perfagent served."""
     bare_runs = [r[0] for r in servers[0].runs]
     bare = statistics.median(bare_runs)
     print(f"\n{app} ({len(servers[0].runs)} rounds)")
@@ -366,6 +391,11 @@ def report(app: str, servers: list[Server]) -> None:
             f"  {server.config:<26}{rps:>9.0f}{rps / bare:>8.2f}{spread:>12}{p50:>9.2f}{p99:>9.2f}"
             f"{rss:>9.1f}{pss:>9.1f}{extra}"
         )
+        if server.config == "perfagent" and server.requests:
+            print(
+                f"  {'':<26}the console receiving its data (on core 1): "
+                f"{console_cpu_s / server.requests * 1e6:.1f} µs CPU a request"
+            )
     sys.stdout.flush()
 
 
