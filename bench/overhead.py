@@ -66,7 +66,8 @@ class Server:
     port: int
     proc: subprocess.Popen
     log: Path
-    runs: list[tuple[float, float, float]] = field(default_factory=list)  # rps, p50, p99
+    #: Per round: requests/s, p50 and p99 ms, the server's CPU µs per request.
+    runs: list[tuple[float, float, float, float]] = field(default_factory=list)
     requests: int = 0  # served in the measured rounds
 
     def wait_ready(self, path: str, timeout: float = 60.0) -> None:
@@ -157,6 +158,20 @@ def wrk(port: int, path: str, seconds: int, connections: int, script: str | None
     return rps, latency.get("50", float("nan")), latency.get("99", float("nan")), total
 
 
+def tree_pids(pid: int) -> list[int]:
+    """A process and all its descendants (pre-fork workers, the child of perfagent's runner)."""
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        try:
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+        except OSError:
+            pass
+    return out
+
+
 def tree_memory_kib(pid: int) -> dict[int, tuple[int, int]]:
     """pid -> (resident KiB, proportional KiB) for a process and all its descendants.
 
@@ -165,9 +180,7 @@ def tree_memory_kib(pid: int) -> dict[int, tuple[int, int]]:
     the server really holds.
     """
     out: dict[int, tuple[int, int]] = {}
-    todo = [pid]
-    while todo:
-        current = todo.pop()
+    for current in tree_pids(pid):
         try:
             status = Path(f"/proc/{current}/status").read_text()
             rollup = Path(f"/proc/{current}/smaps_rollup").read_text()
@@ -175,12 +188,21 @@ def tree_memory_kib(pid: int) -> dict[int, tuple[int, int]]:
                 int(re.search(r"VmRSS:\s+(\d+)", status).group(1)),
                 int(re.search(r"^Pss:\s+(\d+)", rollup, re.M).group(1)),
             )
-            for task in Path(f"/proc/{current}/task").iterdir():
-                children = (task / "children").read_text().split()
-                todo.extend(int(c) for c in children)
         except (OSError, AttributeError):
             pass
     return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time used so far by a process and all its descendants (perfagent's runner
+    included: it shares the server's core)."""
+    total = 0.0
+    for current in tree_pids(pid):
+        try:
+            total += cpu_seconds(current)
+        except (OSError, IndexError, ValueError):
+            pass  # exited meanwhile
+    return total
 
 
 def app_memory_mib(server: Server) -> tuple[float, float, float]:
@@ -316,6 +338,7 @@ def main() -> int:
     console_url = f"http://127.0.0.1:{console_port}"
     sink_url = f"http://127.0.0.1:{sink_port}"
     try:
+        wait_for_console(console_url)
         for app in args.apps:
             _, path, family = APPS[app]
             configs = [c for c in args.configs if c != "instrumentator" or family == "fastapi"]
@@ -329,6 +352,7 @@ def main() -> int:
                 for round_no in range(args.rounds):
                     shift = round_no % len(servers)
                     for server in servers[shift:] + servers[:shift]:
+                        cpu_before = tree_cpu_seconds(server.proc.pid)
                         try:
                             rps, p50, p99, total = wrk(
                                 server.port, path, args.seconds, args.connections
@@ -339,7 +363,8 @@ def main() -> int:
                                 f"wrk failed against {server.config} ({exc.stderr.strip()}):"
                                 f"\n{tail}"
                             ) from None
-                        server.runs.append((rps, p50, p99))
+                        cpu_us = (tree_cpu_seconds(server.proc.pid) - cpu_before) / total * 1e6
+                        server.runs.append((rps, p50, p99, cpu_us))
                         server.requests += total
                 report(app, servers, cpu_seconds(helpers[1].pid) - console_cpu)
                 if args.memory and app in ("fastapi-hello", "flask-hello"):
@@ -364,6 +389,19 @@ def main() -> int:
     return 0
 
 
+def wait_for_console(url: str, timeout: float = 60.0) -> None:
+    """Until the console answers. perfagent's runner starts a console of its own where
+    none answers, on the server's core (it inherits the runner's affinity): had the
+    runners' consoles raced this one for its port, the winner could be on core 0."""
+    from perfagent.runner import console_answers
+
+    deadline = time.monotonic() + timeout
+    while not console_answers(url):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the console at {url} is not answering after {timeout:.0f} s")
+        time.sleep(0.2)
+
+
 def cpu_seconds(pid: int) -> float:
     """User and system CPU time a process has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -373,23 +411,32 @@ def cpu_seconds(pid: int) -> float:
 def report(app: str, servers: list[Server], console_cpu_s: float) -> None:
     """Medians over rounds; "rounds" is the spread of the ratio taken round by round
     (each against the bare app's run of the same round), to tell a gap from noise.
+
+    "CPU µs" is the server's CPU time per request (its whole process tree), and
+    "CPU ratio" the bare app's over this configuration's: what the throughput
+    ratio would be if the server had core 0 to itself. On a shared machine the
+    throughput of a round also moves with whatever else gets core 0 meanwhile
+    (other processes, the hypervisor's steal), which CPU time leaves out.
     ``console_cpu_s``: what the console used meanwhile, shown per request perfagent served."""
-    bare_runs = [r[0] for r in servers[0].runs]
-    bare = statistics.median(bare_runs)
-    print(f"\n{app} ({len(servers[0].runs)} rounds)")
+    bare_runs = servers[0].runs
+    bare = statistics.median(r[0] for r in bare_runs)
+    bare_cpu = statistics.median(r[3] for r in bare_runs)
+    print(f"\n{app} ({len(bare_runs)} rounds)")
     header = f"{'req/s':>9}{'ratio':>8}{'rounds':>12}{'p50 ms':>9}{'p99 ms':>9}"
+    header += f"{'CPU µs':>9}{'CPU ratio':>10}"
     print(f"  {'configuration':<26}{header}{'RSS MiB':>9}{'PSS MiB':>9}")
     for server in servers:
         rps = statistics.median(r[0] for r in server.runs)
         p50 = statistics.median(r[1] for r in server.runs)
         p99 = statistics.median(r[2] for r in server.runs)
-        ratios = [r[0] / b for r, b in zip(server.runs, bare_runs, strict=True)]
+        cpu = statistics.median(r[3] for r in server.runs)
+        ratios = [r[0] / b[0] for r, b in zip(server.runs, bare_runs, strict=True)]
         spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
         rss, pss, runner = app_memory_mib(server)
         extra = f"  (+ runner PSS {runner:.1f})" if runner else ""
         print(
             f"  {server.config:<26}{rps:>9.0f}{rps / bare:>8.2f}{spread:>12}{p50:>9.2f}{p99:>9.2f}"
-            f"{rss:>9.1f}{pss:>9.1f}{extra}"
+            f"{cpu:>9.0f}{bare_cpu / cpu:>10.2f}{rss:>9.1f}{pss:>9.1f}{extra}"
         )
         if server.config == "perfagent" and server.requests:
             print(
