@@ -344,12 +344,22 @@ static PyObject *str_done, *str_end, *str_route, *str_method, *str_status, *str_
  */
 
 #define MAX_RECORD_SLOTS 32
+/* Slot names -> offsets in an open-addressing table keyed by the name's address (the
+ * names are interned: the module's own ``str_*`` objects): one or two probes a read,
+ * where a scan of the slots in declaration order took ~14 comparisons (~3,000 CPU
+ * instructions a request on the 11-query route, ~25 reads and writes). */
+#define SLOT_TABLE 64 /* a power of two, at least twice MAX_RECORD_SLOTS */
 static PyTypeObject *record_type;
 static struct {
-    PyObject *name; /* interned */
+    PyObject *name; /* interned; NULL: empty */
     Py_ssize_t offset;
-} record_slots[MAX_RECORD_SLOTS];
-static int n_record_slots;
+} record_slots[SLOT_TABLE];
+
+static inline size_t
+slot_hash(PyObject *name)
+{
+    return ((size_t)name >> 4) & (SLOT_TABLE - 1);
+}
 
 static inline Py_ssize_t
 slot_offset(PyObject *obj, PyObject *name)
@@ -357,12 +367,14 @@ slot_offset(PyObject *obj, PyObject *name)
     if (Py_TYPE(obj) != record_type) {
         return -1;
     }
-    for (int i = 0; i < n_record_slots; i++) {
+    for (size_t i = slot_hash(name);; i = (i + 1) & (SLOT_TABLE - 1)) {
         if (record_slots[i].name == name) {
             return record_slots[i].offset;
         }
+        if (record_slots[i].name == NULL) {
+            return -1;
+        }
     }
-    return -1;
 }
 
 /* ``getattr(obj, name)``: a new reference, or NULL with an error set. */
@@ -411,6 +423,10 @@ use_record_type(PyObject *module, PyObject *cls)
     if (names == NULL) {
         return NULL;
     }
+    Py_CLEAR(record_type); /* no direct reads while the table is rebuilt */
+    for (int i = 0; i < SLOT_TABLE; i++) {
+        Py_CLEAR(record_slots[i].name);
+    }
     int n = 0;
     PyObject *dict = ((PyTypeObject *)cls)->tp_dict;
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(names) && n < MAX_RECORD_SLOTS; i++) {
@@ -425,15 +441,18 @@ use_record_type(PyObject *module, PyObject *cls)
         }
         Py_INCREF(name);
         PyUnicode_InternInPlace(&name); /* the same object as the module's own names */
-        Py_XSETREF(record_slots[n].name, name);
-        record_slots[n].offset = member->offset;
+        size_t at = slot_hash(name);
+        while (record_slots[at].name != NULL) {
+            at = (at + 1) & (SLOT_TABLE - 1);
+        }
+        record_slots[at].name = name;
+        record_slots[at].offset = member->offset;
         n++;
     }
     Py_DECREF(names);
     if (PyErr_Occurred()) {
         return NULL;
     }
-    n_record_slots = n;
     Py_XSETREF(record_type, (PyTypeObject *)Py_NewRef(cls));
     Py_RETURN_NONE;
 }

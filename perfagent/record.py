@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from contextvars import ContextVar
+from importlib import import_module
 from operator import itemgetter
 from typing import Any
 
@@ -171,12 +172,13 @@ class RequestRecord:
         self.findings.append((event, fields))
 
 
-try:  # the compiled per-request code reads and writes the record's slots directly
-    from perfagent._perrequest import use_record_type
-except ImportError:
-    pass
-else:
-    use_record_type(RequestRecord)
+# The compiled per-request and per-query code (where pip built it) read and write the
+# record's slots directly.
+for _compiled in ("perfagent._perrequest", "perfagent._speedups"):
+    try:
+        import_module(_compiled).use_record_type(RequestRecord)
+    except ImportError:
+        pass
 
 
 def active() -> RequestRecord | None:
