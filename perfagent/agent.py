@@ -87,7 +87,13 @@ class Agent:
         self.stack_sampler = StackSampler(
             min([self._slow_s, *self._slow_routes.values()]), self.capture.frames, self.inflight
         )
-        self.thread.every(self.stack_sampler.interval, self.stack_sampler.tick)
+        # With a profile token, a request may ask to be sampled from its start: then the
+        # sampler ticks at its interval; otherwise only once a request is old enough.
+        self.thread.every(
+            self.stack_sampler.interval,
+            self.stack_sampler.tick,
+            None if settings.profile_token else self.stack_sampler.idle,
+        )
         regressions = RegressionDetector(self, settings.regression_window_s)
         self.thread.every(regressions.window_s, regressions.tick)
         # The end-of-request pipeline. Steps that would return at once are left out

@@ -41,6 +41,22 @@ class StackSampler:
         self._endpoint_codes: dict[int, Any] = {}
         self._labels: dict[int, tuple[Any, str]] = {}  # id(code) -> (code, label)
 
+    def idle(self) -> float:
+        """Seconds until the oldest request in flight is old enough to sample (the
+        agent thread sleeps that long); the whole wait while none is in flight.
+
+        The in-flight dict keeps arrival order, so its first record is the oldest;
+        a request that asked for a profile (``record.profile``) is sampled from its
+        start, so the agent does not ask this while a profile token is set.
+        """
+        try:
+            oldest = next(iter(self._inflight))
+        except StopIteration:
+            return self._after
+        except RuntimeError:  # changed by a request thread meanwhile: ask again soon
+            return self.interval
+        return self._after - (perf_counter() - oldest.start)
+
     def tick(self) -> None:
         """Agent thread: sample the requests that have been running long enough."""
         if not self._inflight:
