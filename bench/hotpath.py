@@ -43,6 +43,11 @@ import asyncio, cProfile, json, os, pstats, sys, time
 sys.path.insert(0, {apps!r})
 if {agent!r}:
     import perfagent
+    import perfagent.agent
+    if {clockless!r}:
+        # A repeating finding keeps a trace once per 10 s: once per ~1,000 requests
+        # under valgrind, against once per ~40,000 at full speed (read at init()).
+        perfagent.agent.REPEAT_EVERY_S = float("inf")
     perfagent.init()
     if {clockless!r}:
         # Under valgrind every request runs ~50x slower, so what the agent does per
@@ -55,11 +60,8 @@ if {agent!r}:
         # The log lines the agent thread would write, written here in its batches.
         _agent.log.deferred = True
         write_log = _agent.log.write
-        # A repeating finding keeps a trace once per 10 s: once per ~1,000 requests
-        # under valgrind, against once per ~40,000 at full speed. And the same head
-        # sample each run, so that two runs count the same work.
-        import perfagent.agent, random
-        perfagent.agent.REPEAT_EVERY_S = float("inf")
+        # The same head sample each run, so that two runs count the same work.
+        import random
         random.seed(0)
 write_log = locals().get("write_log")
 import bench_fastapi

@@ -1028,6 +1028,7 @@ typedef struct {
     PyObject *send;           /* NPlusOneDetector._send */
     PyObject *stats;          /* RequestStats: counters in the thread's buffer */
     PyObject *fresh;          /* Agent.fresh */
+    PyObject *recent;         /* Agent._recent: finding key -> [last exported, repeats since] */
     PyObject *getrandbits;
     PyObject *root_parent;
     PyObject *round;          /* builtins.round */
@@ -1035,7 +1036,39 @@ typedef struct {
     PyObject *hex32;          /* "032x" */
     PyObject *kind_n_plus_one, *kind_duplicate;
     Py_ssize_t min;
+    double repeat_every; /* REPEAT_EVERY_S */
 } NPlusOneReporter;
+
+static PyObject *clock_now(void);
+
+/* ``Agent.fresh(key)`` where it returns None (the finding was exported less than
+ * ``REPEAT_EVERY_S`` ago: this one is folded into the next export's repeats), done
+ * here: a new reference to None. NULL without an error where the Python ``fresh``
+ * is to decide; NULL with one on failure. On the N+1 route this is every request
+ * but one per 10 s: ~2,500 CPU instructions a request for the Python call. */
+static PyObject *
+folded(NPlusOneReporter *self, PyObject *key)
+{
+    PyObject *seen = PyDict_GetItemWithError(self->recent, key);
+    if (seen == NULL || !PyList_CheckExact(seen) || PyList_GET_SIZE(seen) != 2 ||
+        !PyFloat_CheckExact(PyList_GET_ITEM(seen, 0))) {
+        return NULL;
+    }
+    PyObject *now = clock_now();
+    if (now == NULL) {
+        return NULL;
+    }
+    double since = PyFloat_AsDouble(now) - PyFloat_AS_DOUBLE(PyList_GET_ITEM(seen, 0));
+    Py_DECREF(now);
+    if (!(since < self->repeat_every)) {
+        return NULL;
+    }
+    PyObject *more = PyNumber_Add(PyList_GET_ITEM(seen, 1), one);
+    if (more == NULL || PyList_SetItem(seen, 1, more) < 0) { /* SetItem takes more */
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
 
 /* ``f"{value:032x}"`` for an int from 0 to 2**128 - 1, written here (``format()``
  * took ~4,500 CPU instructions of the N+1 route's ~25,000 a request); OverflowError
@@ -1215,7 +1248,10 @@ report(NPlusOneReporter *self, PyObject *record, PyObject *route, PyObject *meth
         Py_DECREF(count);
         goto done;
     }
-    repeats = PyObject_CallOneArg(self->fresh, PyTuple_GET_ITEM(finding, 6));
+    repeats = folded(self, PyTuple_GET_ITEM(finding, 6));
+    if (repeats == NULL && !PyErr_Occurred()) {
+        repeats = PyObject_CallOneArg(self->fresh, PyTuple_GET_ITEM(finding, 6));
+    }
     if (repeats != NULL && repeats != Py_None) { /* due for export: the Python _send */
         PyObject *args[10] = {record,   kind,     finding, fingerprint, count,
                               total_ms, trace,    distinct, first,      repeats};
@@ -1302,23 +1338,25 @@ done:
 /* The members given to the constructor, in its keywords' order, then the others. */
 #define NPLUSONE_GIVEN(X)                                                                  \
     X(repeats) X(summary) X(python_summary) X(findings) X(make_finding) X(send) X(stats) \
-    X(fresh) X(getrandbits) X(root_parent) X(round) X(minimum)
+    X(fresh) X(recent) X(getrandbits) X(root_parent) X(round) X(minimum)
 #define NPLUSONE_OBJECTS(X) NPLUSONE_GIVEN(X) X(hex32) X(kind_n_plus_one) X(kind_duplicate)
 
 static PyObject *
 NPlusOneReporter_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
-    static char *names[] = {"repeats",     "summary",     "python_summary", "findings",
-                            "make_finding", "send",        "stats",          "fresh",
-                            "getrandbits", "root_parent", "round",          "minimum", NULL};
-    PyObject *o[12];
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$OOOO!OOOOOO!OO!:NPlusOneReporter", names,
+    static char *names[] = {"repeats",      "summary", "python_summary", "findings",
+                            "make_finding", "send",    "stats",          "fresh",
+                            "recent",       "getrandbits", "root_parent", "round",
+                            "minimum",      "repeat_every", NULL};
+    PyObject *o[13];
+    double repeat_every;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$OOOO!OOOOO!OO!OO!d:NPlusOneReporter", names,
                                      &o[0], &o[1], &o[2], &PyDict_Type, &o[3], &o[4], &o[5],
-                                     &o[6], &o[7], &o[8], &PyTuple_Type, &o[9], &o[10],
-                                     &PyLong_Type, &o[11])) {
+                                     &o[6], &o[7], &PyDict_Type, &o[8], &o[9], &PyTuple_Type,
+                                     &o[10], &o[11], &PyLong_Type, &o[12], &repeat_every)) {
         return NULL;
     }
-    Py_ssize_t min = PyLong_AsSsize_t(o[11]);
+    Py_ssize_t min = PyLong_AsSsize_t(o[12]);
     if (min == -1 && PyErr_Occurred()) {
         return NULL;
     }
@@ -1328,6 +1366,7 @@ NPlusOneReporter_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     }
     self->vectorcall = (vectorcallfunc)NPlusOneReporter_vectorcall;
     self->min = min;
+    self->repeat_every = repeat_every;
     int i = 0;
 #define TAKE(name) self->name = Py_NewRef(o[i++]);
     NPLUSONE_GIVEN(TAKE)

@@ -57,6 +57,7 @@ class Agent:
         self._metrics_server: Any = None
         self._errors_logged: set[str] = set()
         self._recent: dict[tuple, list] = {}  # finding key -> [last exported, repeats since]
+        self.repeat_every_s = REPEAT_EVERY_S
         #: True while the loop that serves requests has no watchdog yet: the ASGI
         #: adapter reads this one attribute per call and calls watch_loop() once.
         self.loop_watch_pending = True
@@ -322,7 +323,7 @@ class Agent:
 
     def fresh(self, key: tuple) -> int | None:
         """For a query finding (kind, route, fingerprint, call site): None while it was
-        exported less than ``REPEAT_EVERY_S`` ago (this one is folded in), else how
+        exported less than ``repeat_every_s`` ago (this one is folded in), else how
         many occurrences the export stands for (0: just this one).
 
         Query findings (N+1, duplicates) repeat on every request of a route until
@@ -333,7 +334,7 @@ class Agent:
         """
         now = perf_counter()
         seen = self._recent.get(key)
-        if seen is not None and now - seen[0] < REPEAT_EVERY_S:
+        if seen is not None and now - seen[0] < self.repeat_every_s:
             seen[1] += 1
             return None
         if len(self._recent) >= 10_000:

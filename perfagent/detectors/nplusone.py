@@ -102,10 +102,12 @@ class NPlusOneDetector:
                 send=self._send,
                 stats=agent.metrics.stats,
                 fresh=agent.fresh,
+                recent=agent._recent,
                 getrandbits=random.getrandbits,
                 root_parent=ROOT_PARENT,
                 round=round,
                 minimum=self._minimum,
+                repeat_every=agent.repeat_every_s,
             )
             if use_c and NPlusOneReporter is not None
             else None
