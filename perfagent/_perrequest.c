@@ -21,6 +21,7 @@
 #include <time.h>
 
 #include "_histogram.h"
+#include "_record_slots.h"
 
 /* ---------------------------------------------------------------------------
  * PreparedLine: ``ConsoleLine.prepare``'s ``render(now, values)`` in C.
@@ -428,15 +429,10 @@ use_record_type(PyObject *module, PyObject *cls)
         Py_CLEAR(record_slots[i].name);
     }
     int n = 0;
-    PyObject *dict = ((PyTypeObject *)cls)->tp_dict;
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(names) && n < MAX_RECORD_SLOTS; i++) {
         PyObject *name = PyTuple_GET_ITEM(names, i);
-        PyObject *descr = PyUnicode_Check(name) ? PyDict_GetItemWithError(dict, name) : NULL;
-        if (descr == NULL || !Py_IS_TYPE(descr, &PyMemberDescr_Type)) {
-            continue;
-        }
-        PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
-        if (member->type != T_OBJECT_EX || (member->flags & READONLY)) {
+        Py_ssize_t offset = slot_member_offset((PyTypeObject *)cls, name);
+        if (offset < 0) {
             continue;
         }
         Py_INCREF(name);
@@ -446,7 +442,7 @@ use_record_type(PyObject *module, PyObject *cls)
             at = (at + 1) & (SLOT_TABLE - 1);
         }
         record_slots[at].name = name;
-        record_slots[at].offset = member->offset;
+        record_slots[at].offset = offset;
         n++;
     }
     Py_DECREF(names);

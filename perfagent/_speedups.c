@@ -20,10 +20,10 @@
 #include <Python.h>
 #include <math.h>
 #include <stddef.h>
-#include <structmember.h>
 #include <time.h>
 
 #include "_histogram.h"
+#include "_record_slots.h"
 #if PY_VERSION_HEX < 0x030B0000
 #include <frameobject.h> /* PyFrame_GetBack: in Python.h from 3.11 */
 #endif
@@ -53,18 +53,6 @@ record_attr(PyObject *record, PyObject *name, Py_ssize_t offset)
     return PyObject_GetAttr(record, name);
 }
 
-/* The offset of writable object slot ``name`` of ``cls``, or -1. */
-static Py_ssize_t
-member_offset(PyTypeObject *cls, PyObject *name)
-{
-    PyObject *descr = PyDict_GetItemWithError(cls->tp_dict, name);
-    if (descr == NULL || !Py_IS_TYPE(descr, &PyMemberDescr_Type)) {
-        return -1;
-    }
-    PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
-    return member->type == T_OBJECT_EX && !(member->flags & READONLY) ? member->offset : -1;
-}
-
 /* ``use_record_type(RequestRecord)``: the class whose slots are read directly. */
 static PyObject *
 use_record_type(PyObject *module, PyObject *cls)
@@ -74,8 +62,8 @@ use_record_type(PyObject *module, PyObject *cls)
         return NULL;
     }
     Py_CLEAR(record_type);
-    done_offset = member_offset((PyTypeObject *)cls, str_done);
-    queries_offset = member_offset((PyTypeObject *)cls, str_queries);
+    done_offset = slot_member_offset((PyTypeObject *)cls, str_done);
+    queries_offset = slot_member_offset((PyTypeObject *)cls, str_queries);
     if (PyErr_Occurred()) {
         return NULL;
     }
