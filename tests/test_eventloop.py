@@ -187,8 +187,13 @@ def test_waiting_or_offloaded_or_short_work_is_not_a_block(server, path):
 def test_sync_endpoints_queueing_for_the_thread_pool_is_starvation_not_a_block(server):
     before = len(_events(server, BLOCKED))
     starved_before = len(_events(server, STARVED))
+    # Each request holds its thread 1 s, so that the 48 are in flight together even
+    # when the client's threads are slow to send them: at 0.3 s, with every test module
+    # imported in the test process, the queue formed too late or not at all.
     with ThreadPoolExecutor(48) as pool:
-        answers = list(pool.map(lambda _: server.get("/sync-sleep").status_code, range(48)))
+        answers = list(
+            pool.map(lambda _: server.get("/sync-sleep?seconds=1").status_code, range(48))
+        )
     assert answers == [200] * 48
     (event,) = _new_events(server, STARVED, starved_before)
     assert event["threads"] == 40 and event["waiting"] >= 1

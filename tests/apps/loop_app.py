@@ -147,9 +147,9 @@ async def short_block():
 
 
 @app.get("/sync-sleep")
-def sync_endpoint_sleeps():
-    time.sleep(0.3)  # a def endpoint: runs in the thread pool, not on the loop
-    return {"slept": 0.3}
+def sync_endpoint_sleeps(seconds: float = 0.3):
+    time.sleep(seconds)  # a def endpoint: runs in the thread pool, not on the loop
+    return {"slept": seconds}
 
 
 async def _short_task():
