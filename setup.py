@@ -13,13 +13,13 @@ setup(
         Extension(
             "perfagent._speedups",
             ["perfagent/_speedups.c"],
-            depends=["perfagent/_histogram.h", "perfagent/_record_slots.h"],
+            depends=["perfagent/_histogram.h", "perfagent/_query.h", "perfagent/_record_slots.h"],
             optional=True,
         ),
         Extension(
             "perfagent._perrequest",
             ["perfagent/_perrequest.c"],
-            depends=["perfagent/_histogram.h", "perfagent/_record_slots.h"],
+            depends=["perfagent/_histogram.h", "perfagent/_query.h", "perfagent/_record_slots.h"],
             optional=True,
         ),
     ]

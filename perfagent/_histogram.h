@@ -52,10 +52,21 @@ histogram_entry(PyObject *table, PyObject *key, Py_ssize_t width)
     return entry;
 }
 
-/* One observation into an entry: the bucket ``bisect_left(bounds, value)`` and the
- * sum, as ``stats._observe`` does; -1 on error. */
+/* list[index] += amount, the item an int; -1 on error. */
 static inline int
-histogram_add(PyObject *entry, const double *bounds, Py_ssize_t nbounds, double value)
+list_add(PyObject *list, Py_ssize_t index, long long amount)
+{
+    long long count = PyLong_AsLongLong(PyList_GET_ITEM(list, index));
+    if (count == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    PyObject *value = PyLong_FromLongLong(count + amount);
+    return value == NULL ? -1 : PyList_SetItem(list, index, value);
+}
+
+/* The bucket of ``value``: ``bisect_left(bounds, value)``. */
+static inline Py_ssize_t
+bucket_of(const double *bounds, Py_ssize_t nbounds, double value)
 {
     Py_ssize_t low = 0, high = nbounds;
     while (low < high) {
@@ -67,7 +78,15 @@ histogram_add(PyObject *entry, const double *bounds, Py_ssize_t nbounds, double 
             high = middle;
         }
     }
-    if (list_increment(entry, low) < 0) {
+    return low;
+}
+
+/* One observation into an entry: the bucket ``bisect_left(bounds, value)`` and the
+ * sum, as ``stats._observe`` does; -1 on error. */
+static inline int
+histogram_add(PyObject *entry, const double *bounds, Py_ssize_t nbounds, double value)
+{
+    if (list_increment(entry, bucket_of(bounds, nbounds, value)) < 0) {
         return -1;
     }
     double sum = PyFloat_AsDouble(PyList_GET_ITEM(entry, nbounds + 1));

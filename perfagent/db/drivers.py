@@ -28,7 +28,7 @@ from types import ModuleType
 from typing import Any
 
 from perfagent.db.callsite import origin
-from perfagent.db.capture import Query, QueryCapture
+from perfagent.db.capture import QueryCapture
 from perfagent.patching import Patch
 from perfagent.record import current
 
@@ -138,7 +138,6 @@ def _sqlite_hook(
         capture.add,
         capture.fingerprints.cache,
         capture.frames,
-        Query,
         many,
     )
 

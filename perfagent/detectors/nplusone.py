@@ -105,7 +105,6 @@ class NPlusOneDetector:
                 recent=agent._recent,
                 getrandbits=random.getrandbits,
                 root_parent=ROOT_PARENT,
-                round=round,
                 minimum=self._minimum,
                 repeat_every=agent.repeat_every_s,
             )

@@ -27,9 +27,9 @@ from perfagent.patching import Patch
 from perfagent.record import KNOWN_METHODS, RequestRecord, current, normalize_method
 
 try:  # built by pip where a C compiler is found (perfagent/_perrequest.c)
-    from perfagent._perrequest import AsgiBegin, end_request
+    from perfagent._perrequest import AsgiBegin, RouteResolver, end_request
 except ImportError:
-    AsgiBegin = end_request = None
+    AsgiBegin = RouteResolver = end_request = None
 
 _SERVER_TIMING = b"server-timing"
 
@@ -37,9 +37,15 @@ _SERVER_TIMING = b"server-timing"
 class RouteTemplates:
     """Route object -> template, computed once per route (routes live as long as the app)."""
 
-    def __init__(self) -> None:
+    def __init__(self, compiled: bool = True) -> None:
         self._cache: dict[int, tuple[Any, str]] = {}
-        self.resolve = self._resolve  # bound once: records point at it without allocating
+        # Made once, so that records point at it without allocating; in C where it was
+        # built (``_perrequest.RouteResolver``: a cached route without a Python frame).
+        self.resolve = (
+            RouteResolver(self._cache, self._resolve)
+            if compiled and RouteResolver is not None
+            else self._resolve
+        )
 
     def _resolve(self, record: RequestRecord) -> str | None:
         """The route the router has matched so far for this request, or None."""
@@ -324,7 +330,7 @@ class AsgiInstrumentation:
 
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
-        self.templates = RouteTemplates()
+        self.templates = RouteTemplates(agent.settings.compiled_hooks)
         self._routing_patched = False
 
     def patch_routing(self, routing: Any) -> None:
