@@ -1523,10 +1523,13 @@ finding_of(NPlusOneReporter *self, PyObject **parts, PyObject *record, PyObject 
         Py_DECREF(finding);
         return NULL;
     }
+    /* The finding goes first, so that no moment sees the new parts with the old one
+     * (releasing an old part may run Python code). */
+    Py_CLEAR(self->last_finding);
     for (int i = 0; i < KEY_PARTS; i++) {
         Py_XSETREF(self->last_parts[i], Py_NewRef(parts[i]));
     }
-    Py_XSETREF(self->last_finding, Py_NewRef(finding));
+    self->last_finding = Py_NewRef(finding);
     return finding;
 }
 
@@ -1798,8 +1801,9 @@ put_digits(char *out, unsigned long long value, int least)
     return out;
 }
 
-/* Appends ``ms`` with three decimals (``f"{ms:.3f}"`` but for the rounding of an exact
- * tie) to ``out``; returns the end. Written here: ``PyOS_double_to_string`` and
+/* Appends ``ms`` with three decimals to ``out``; returns the end. As ``f"{ms:.3f}"``
+ * but for a value within an ulp or so of a half-thousandth, whose last digit may be
+ * the other one (``ms * 1000.0`` rounds once before the digit is chosen). Written here: ``PyOS_double_to_string`` and
  * ``PyBytes_FromFormat`` took ~3,000 CPU instructions a request for the two numbers.
  * A value out of range (negative, not finite, 10**15 ms or more) is written as 0.000. */
 static char *
@@ -2030,27 +2034,24 @@ RouteResolver_vectorcall(RouteResolver *self, PyObject *const *args, size_t narg
         Py_XDECREF(key);
         if (hit != NULL && PyTuple_CheckExact(hit) && PyTuple_GET_SIZE(hit) == 2 &&
             PyTuple_GET_ITEM(hit, 0) == route && PyUnicode_CheckExact(PyTuple_GET_ITEM(hit, 1))) {
-            template = PyTuple_GET_ITEM(hit, 1);
+            template = Py_NewRef(PyTuple_GET_ITEM(hit, 1)); /* held: the cache may change */
         }
     }
     Py_DECREF(carrier);
-    if (PyErr_Occurred()) {
-        return NULL;
-    }
     if (template == NULL) {
-        return PyObject_CallOneArg(self->resolve, record);
+        return PyErr_Occurred() ? NULL : PyObject_CallOneArg(self->resolve, record);
     }
     if (PyUnicode_GET_LENGTH(template) == 0) {
+        Py_DECREF(template);
         return Py_NewRef(str_empty);
     }
     PyObject *prefix = get_attr(record, str_mount_prefix);
-    if (prefix == NULL) {
-        return NULL;
-    }
-    PyObject *full = PyUnicode_CheckExact(prefix) && PyUnicode_GET_LENGTH(prefix) == 0
+    PyObject *full = prefix == NULL ? NULL
+                     : PyUnicode_CheckExact(prefix) && PyUnicode_GET_LENGTH(prefix) == 0
                          ? Py_NewRef(template)
                          : PyNumber_Add(prefix, template);
-    Py_DECREF(prefix);
+    Py_XDECREF(prefix);
+    Py_DECREF(template);
     return full;
 }
 

@@ -1164,9 +1164,16 @@ observe_queries(PyObject *module, PyObject *args)
         return NULL;
     }
     Py_RETURN_NONE;
-fail:
-    Py_XDECREF(pending.entry);
+fail: {
+    /* What was counted before the bad query is written, as one at a time would have. */
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    if (flush_entry(&pending, nbounds) < 0) {
+        PyErr_Clear();
+    }
+    PyErr_Restore(type, value, traceback);
     return NULL;
+}
 }
 
 static PyMethodDef speedups_functions[] = {
