@@ -16,6 +16,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stddef.h>
 #include <structmember.h>
 #include <time.h>
@@ -98,6 +99,43 @@ typedef struct {
     int owned;
 } Piece;
 
+/* ``repr(value)`` written to ``out`` (24 bytes) for a float that is the double nearest
+ * to a number of thousandths (a duration rounded to 3 decimals, as every float the
+ * agent logs is) from 0.001 to 10**12: its digits, the trailing zeros after the point
+ * dropped but one. Below 10**12 no other number of thousandths is that close to the
+ * double, and its repr, the shortest text that reads back as it, is that one. Returns
+ * the length, or 0 for any other float (then written by float.__repr__'s code). */
+static Py_ssize_t
+thousandths_repr(double value, char *out)
+{
+    if (!(value >= 0.001 && value < 1e12)) {
+        return 0;
+    }
+    double whole = nearbyint(value * 1000.0);
+    if (whole / 1000.0 != value) {
+        return 0;
+    }
+    unsigned long long count = (unsigned long long)whole;
+    char digits[24];
+    int n = 0;
+    do {
+        digits[n++] = (char)('0' + count % 10);
+        count /= 10;
+    } while (count > 0 || n < 4); /* at least one digit before the point */
+    /* digits[0] is the thousandths, digits[2] the tenths: the decimals kept are the
+     * tenths and what follows up to the last one not zero. */
+    int keep = digits[0] != '0' ? 3 : digits[1] != '0' ? 2 : 1;
+    Py_ssize_t len = 0;
+    while (n > 3) {
+        out[len++] = digits[--n];
+    }
+    out[len++] = '.';
+    for (int i = 0; i < keep; i++) {
+        out[len++] = digits[2 - i];
+    }
+    return len;
+}
+
 /* The text of a slot's value: ``repr`` of an exact int or float (as ASCII), ``value``
  * as it is for a trace id, else ``value(value)``; 0, or -1 with an error set. */
 static int
@@ -128,9 +166,17 @@ slot_text(PreparedLine *self, Py_ssize_t slot, PyObject *value, Piece *piece, ch
         }
         piece->str = PyObject_Repr(value);
     }
-    else if (type == &PyFloat_Type) { /* float.__repr__'s own formatting */
-        piece->ascii = PyOS_double_to_string(PyFloat_AS_DOUBLE(value), 'r', 0, Py_DTSF_ADD_DOT_0,
-                                             NULL);
+    else if (type == &PyFloat_Type) {
+        double number = PyFloat_AS_DOUBLE(value);
+        Py_ssize_t len = thousandths_repr(number, digits);
+        if (len > 0) {
+            piece->ascii = digits;
+            piece->len = len;
+            return 0;
+        }
+        /* float.__repr__'s own formatting: a shortest-digits conversion, ~2,300 CPU
+         * instructions for a value such as a finding's total_ms */
+        piece->ascii = PyOS_double_to_string(number, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
         if (piece->ascii == NULL) {
             return -1;
         }
@@ -260,7 +306,10 @@ render_line(PreparedLine *self, double now, PyObject *const *values, Py_ssize_t 
     for (Py_ssize_t i = 0; i < count; i++) {
         if (pieces[i].str != NULL) {
             Py_ssize_t n = PyUnicode_GET_LENGTH(pieces[i].str);
-            if (PyUnicode_CopyCharacters(line, to, pieces[i].str, 0, n) < 0) {
+            if (kind == PyUnicode_1BYTE_KIND) { /* the line's kind: every piece's too */
+                memcpy((char *)data + to, PyUnicode_DATA(pieces[i].str), (size_t)n);
+            }
+            else if (PyUnicode_CopyCharacters(line, to, pieces[i].str, 0, n) < 0) {
                 Py_CLEAR(line);
                 goto done;
             }

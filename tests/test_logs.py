@@ -67,6 +67,32 @@ def test_a_line_prepared_in_c_is_queued_as_text():
     assert queued.endswith("[perfagent] count=3 route=/r")
 
 
+def test_a_line_prepared_in_c_writes_floats_as_repr_does():
+    """The C line writes a float of whole thousandths (every duration the agent logs is
+    rounded so) digit by digit, and any other float as float.__repr__: the text must
+    be repr's either way, across the range where the shortcut applies and past it."""
+    import random
+
+    from perfagent.export import logs
+
+    assert logs.PreparedLine is not None, "perfagent/_perrequest.c was not built"
+    stream = io.StringIO()
+    log = make_logger("console", stream)
+    emit = log.prepare("warning", "slow_request", duration_ms=VARIES)
+    draw = random.Random(7)
+    values = [k / 1000 for k in range(0, 30_000)]
+    values += [
+        round(draw.uniform(0, 10**exponent), 3) for exponent in range(13) for _ in range(500)
+    ]
+    values += [draw.uniform(0, 100) for _ in range(500)]  # not whole thousandths
+    values += [0.0, -0.0, 0.0005, 1e-7, 999_999_999_999.999, 1e12, 1e15, 1e22, 2.675]
+    values += [float("inf"), float("-inf"), float("nan"), 5e-324, -12.5]
+    for value in values:
+        emit(value)
+    written = [line.rsplit("duration_ms=", 1)[1] for line in stream.getvalue().splitlines()]
+    assert written == [repr(value) for value in values]
+
+
 def test_not_deferred_each_line_is_written_at_once():
     stream = _Writes()
     log = make_logger("json", stream)
