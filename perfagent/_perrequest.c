@@ -99,6 +99,22 @@ typedef struct {
     int owned;
 } Piece;
 
+/* Appends the decimal digits of ``value``, at least ``least`` of them; returns the end. */
+static char *
+put_digits(char *out, unsigned long long value, int least)
+{
+    char digits[24];
+    int n = 0;
+    do {
+        digits[n++] = (char)('0' + value % 10);
+        value /= 10;
+    } while (value > 0 || n < least);
+    while (n > 0) {
+        *out++ = digits[--n];
+    }
+    return out;
+}
+
 /* ``repr(value)`` written to ``out`` (24 bytes) for a float that is the double nearest
  * to a number of thousandths (a duration rounded to 3 decimals, as every float the
  * agent logs is) from 0.001 to 10**12: its digits, the trailing zeros after the point
@@ -116,24 +132,13 @@ thousandths_repr(double value, char *out)
         return 0;
     }
     unsigned long long count = (unsigned long long)whole;
-    char digits[24];
-    int n = 0;
-    do {
-        digits[n++] = (char)('0' + count % 10);
-        count /= 10;
-    } while (count > 0 || n < 4); /* at least one digit before the point */
-    /* digits[0] is the thousandths, digits[2] the tenths: the decimals kept are the
-     * tenths and what follows up to the last one not zero. */
-    int keep = digits[0] != '0' ? 3 : digits[1] != '0' ? 2 : 1;
-    Py_ssize_t len = 0;
-    while (n > 3) {
-        out[len++] = digits[--n];
-    }
-    out[len++] = '.';
-    for (int i = 0; i < keep; i++) {
-        out[len++] = digits[2 - i];
-    }
-    return len;
+    unsigned long long decimals = count % 1000;
+    /* The tenths and what follows up to the last decimal that is not zero. */
+    int keep = decimals % 10 ? 3 : decimals / 10 % 10 ? 2 : 1;
+    char *end = put_digits(out, count / 1000, 1);
+    *end++ = '.';
+    end = put_digits(end, keep == 3 ? decimals : keep == 2 ? decimals / 10 : decimals / 100, keep);
+    return end - out;
 }
 
 /* The text of a slot's value: ``repr`` of an exact int or float (as ASCII), ``value``
@@ -149,19 +154,15 @@ slot_text(PreparedLine *self, Py_ssize_t slot, PyObject *value, Piece *piece, ch
         if (number == -1 && PyErr_Occurred()) {
             return -1;
         }
-        if (!overflow) { /* written from the end of ``digits`` (24 bytes) */
-            unsigned long long magnitude =
-                number < 0 ? 0ULL - (unsigned long long)number : (unsigned long long)number;
-            char *at = digits + 24;
-            do {
-                *--at = (char)('0' + magnitude % 10);
-                magnitude /= 10;
-            } while (magnitude > 0);
+        if (!overflow) { /* into ``digits`` (24 bytes): a sign and 20 digits at most */
+            char *end = digits;
             if (number < 0) {
-                *--at = '-';
+                *end++ = '-';
             }
-            piece->ascii = at;
-            piece->len = digits + 24 - at;
+            end = put_digits(end, number < 0 ? 0ULL - (unsigned long long)number
+                                             : (unsigned long long)number, 1);
+            piece->ascii = digits;
+            piece->len = end - digits;
             return 0;
         }
         piece->str = PyObject_Repr(value);
@@ -1832,22 +1833,6 @@ static PyObject *
 clock_now(void)
 {
     return PyObject_CallNoArgs(perf_counter_fn);
-}
-
-/* Appends the decimal digits of ``value``, at least ``least`` of them; returns the end. */
-static char *
-put_digits(char *out, unsigned long long value, int least)
-{
-    char digits[24];
-    int n = 0;
-    do {
-        digits[n++] = (char)('0' + value % 10);
-        value /= 10;
-    } while (value > 0 || n < least);
-    while (n > 0) {
-        *out++ = digits[--n];
-    }
-    return out;
 }
 
 /* Appends ``ms`` with three decimals to ``out``; returns the end. As ``f"{ms:.3f}"``

@@ -67,6 +67,22 @@ def test_a_line_prepared_in_c_is_queued_as_text():
     assert queued.endswith("[perfagent] count=3 route=/r")
 
 
+def test_a_full_queue_of_prepared_lines_is_written_by_the_thread_that_logs():
+    """The C emitter keeps the queue's bound as ``warning()`` does: with no agent thread
+    writing, the line that fills the queue writes it, and nothing is lost."""
+    stream = _Writes()
+    log = make_logger("console", stream)
+    emit = log.prepare("warning", "n_plus_one", route="/r", count=VARIES)
+    log.deferred = True
+    for n in range(MAX_QUEUED):
+        emit(n)
+    assert len(stream.calls) == 1
+    lines = stream.getvalue().splitlines()
+    assert [line.split()[-2] for line in lines] == [f"count={n}" for n in range(MAX_QUEUED)]
+    emit(-1)
+    assert len(stream.calls) == 1 and len(log._queue) == 1  # queued again
+
+
 def test_a_line_prepared_in_c_writes_floats_as_repr_does():
     """The C line writes a float of whole thousandths (every duration the agent logs is
     rounded so) digit by digit, and any other float as float.__repr__: the text must
