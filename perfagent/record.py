@@ -71,6 +71,9 @@ class RequestRecord:
     )
 
     def __init__(self, method: str, start: float, carrier: Any = None) -> None:
+        # The compiled adapter makes records by copying the slots of one record made
+        # here at import (``_perrequest.make_record``): a default that is not None, a
+        # bool, an int, a float or a str makes it run this method instead.
         self.method = method
         #: perf_counter() when the request reached the agent.
         self.start = start

@@ -656,3 +656,20 @@ def test_a_query_is_none_of_the_garbage_collectors_work():
     assert not gc.is_tracked(by_row.params)
     assert gc.is_tracked(by_list.params)
     conn.close()
+
+
+def test_an_installed_script_is_not_the_apps_code():
+    """``bin/uvicorn`` (a console script of an installed package) heads the stack of a
+    loop that idles: a callsite there would name no line of the app. The app's own
+    files, here this test file, stay the app's."""
+    import os
+    import shutil
+    import sysconfig
+
+    from perfagent.db.callsite import AppFrames
+
+    frames = AppFrames()
+    script = shutil.which("uvicorn") or os.path.join(sysconfig.get_path("scripts"), "uvicorn")
+    assert not frames.is_app_file(script)
+    assert not frames.is_app_file(os.path.join(sysconfig.get_path("scripts"), "gunicorn"))
+    assert frames.is_app_file(__file__)

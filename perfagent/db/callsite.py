@@ -50,13 +50,20 @@ _BACKWARD_JUMPS = frozenset(
 
 
 def _library_roots() -> tuple[str, ...]:
-    """Folders whose files are not the application's: perfagent, the stdlib, packages."""
+    """Folders whose files are not the application's: perfagent, the stdlib, packages,
+    and the installed packages' scripts (``bin/uvicorn``, ``bin/gunicorn``: a stack
+    sampled while the loop idles starts in one, which is no app line)."""
     roots = {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}  # perfagent itself
     paths = sysconfig.get_paths()
-    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
-        if paths.get(key):
-            roots.add(os.path.realpath(paths[key]))
-            roots.add(os.path.abspath(paths[key]))
+    folders = [paths.get(key) for key in ("stdlib", "platstdlib", "purelib", "platlib", "scripts")]
+    try:  # pip install --user puts scripts there
+        folders.append(sysconfig.get_path("scripts", f"{os.name}_user"))
+    except KeyError:
+        pass
+    for folder in folders:
+        if folder:
+            roots.add(os.path.realpath(folder))
+            roots.add(os.path.abspath(folder))
     for entry in sys.path:
         if entry.endswith(("site-packages", "dist-packages")):
             roots.add(os.path.realpath(entry))
