@@ -825,7 +825,7 @@ typedef struct {
     PyObject *query_bounds;    /* its bounds: a tuple of floats */
     PyObject *slow_routes;     /* dict route -> seconds, or None */
     PyObject *detect_slow, *profile, *nplusone, *keep, *head_sampled, *on_error;
-    PyObject *getrandbits;     /* random.getrandbits: the trace ids' source, as in record.py */
+    PyObject *getrandbits;     /* record.IDS.getrandbits: the trace ids' source, as in record.py */
     PyObject *root_parent;     /* record.parent of a request without a caller: (0, None, None) */
     unsigned long long bound;  /* Sampler.bound: kept when the id's low 64 bits are below */
     int bound_all;             /* the bound is 2**64: every trace is kept */

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import random
 import threading
 from collections.abc import Callable
 from time import perf_counter
@@ -27,7 +26,7 @@ from perfagent.export.logs import WRITE_EVERY_S, make_logger
 from perfagent.export.metrics import Metrics, serving_registry, start_server
 from perfagent.patching import Patch, PostImportHooks
 from perfagent.profiling.sampler import StackSampler, summarize
-from perfagent.record import ROOT_PARENT, RequestRecord
+from perfagent.record import IDS, ROOT_PARENT, RequestRecord
 from perfagent.tracecontext import Sampler
 
 try:  # built by pip where a C compiler is found (perfagent/_perrequest.c, _speedups.c)
@@ -138,7 +137,7 @@ class Agent:
             duration_bounds=histograms[0].float_bounds,
             count_bounds=histograms[1].float_bounds,
             wait_bounds=histograms[3].float_bounds,
-            getrandbits=random.getrandbits,
+            getrandbits=IDS.getrandbits,
             root_parent=ROOT_PARENT,
             sample_bound=self.sampler.bound,
             parent_based=self.sampler.parent_based,

@@ -8,6 +8,7 @@ the request into ``asyncio`` tasks, ``asyncio.gather`` and thread pools.
 
 from __future__ import annotations
 
+import os
 import random
 from contextvars import ContextVar
 from importlib import import_module
@@ -20,6 +21,14 @@ from perfagent.tracecontext import incoming_headers, parse_traceparent
 current: ContextVar[RequestRecord | None] = ContextVar("perfagent.request", default=None)
 
 _duration = itemgetter(5)  # Query.duration (perfagent/db/capture.py)
+
+#: Where trace and span ids come from: a generator of the agent's own, never the
+#: ``random`` module's, whose sequence is the app's (an app that seeds it for
+#: reproducible data would get other numbers with the agent, which draws ids for
+#: every request's head sample). Seeded again in every forked child, so workers that
+#: seed ``random`` alike still draw ids of their own.
+IDS = random.Random()
+os.register_at_fork(after_in_child=IDS.seed)
 
 #: ``RequestRecord.parent`` of a request whose caller sent no trace context.
 ROOT_PARENT: tuple[int, None, None] = (0, None, None)
@@ -151,12 +160,12 @@ class RequestRecord:
             raw_parent, state = incoming_headers(self.carrier)
             parsed = parse_traceparent(raw_parent) if raw_parent else None
             if parsed is None:
-                self._trace_id = random.getrandbits(128) or 1
+                self._trace_id = IDS.getrandbits(128) or 1
                 self.parent = ROOT_PARENT
             else:
                 self._trace_id = parsed[0]
                 self.parent = (parsed[1], parsed[2], state)
-            self._span_id = random.getrandbits(64) or 1
+            self._span_id = IDS.getrandbits(64) or 1
         return self._trace_id, self._span_id
 
     @property

@@ -195,3 +195,64 @@ def test_a_request_that_waits_for_a_pool_thread_has_its_wait_recorded(compiled):
     waits = sorted(record.thread_wait for record in finished)
     assert len(waits) == 3 and 0.0 <= waits[0] < 0.04
     assert waits[-1] >= 0.08  # two 50 ms views ran before it
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_the_apps_random_numbers_stay_its_own(compiled):
+    """Trace ids come from the agent's own generator: an app that seeds ``random``
+    (test data, a reproducible simulation) gets the same numbers with the agent as
+    without it, though every request's ids are drawn (for the head sample)."""
+    import random
+
+    app = FastAPI()
+
+    @app.get("/draw")
+    async def draw():
+        return {"value": random.random()}
+
+    perfagent.init(app, metrics_port=0, compiled_hooks=compiled)
+    agent = perfagent._state["agent"]
+    finished = []
+    finish = agent.finish
+    agent.finish = lambda record: (finished.append(record), finish(record))
+
+    async def main():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return [(await client.get("/draw")).json()["value"] for _ in range(5)]
+
+    random.seed(1234)
+    values = asyncio.run(main())
+    expected = random.Random(1234)
+    assert values == [expected.random() for _ in range(5)]
+    assert len(finished) == 5 and all(record.sampled is not None for record in finished)
+    assert len({record.trace_ids()[0] for record in finished}) == 5
+
+
+def test_a_forked_worker_draws_trace_ids_of_its_own():
+    """A pre-fork server's workers must not repeat each other's trace ids: the agent's
+    generator is seeded again in each child, even where the app seeds ``random`` alike
+    in every worker."""
+    import os
+    import random
+
+    from perfagent.record import RequestRecord
+
+    perfagent.init(metrics_port=0)
+
+    def next_id() -> int:
+        random.seed(99)  # what an app might do in each worker
+        return RequestRecord("GET", 0.0, {}).trace_ids()[0]
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its first id, to the parent
+        try:
+            os.write(write, next_id().to_bytes(16, "big"))
+        finally:
+            os._exit(0)
+    os.close(write)
+    child = int.from_bytes(os.read(read, 16), "big")
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert child and child != next_id()

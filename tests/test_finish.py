@@ -5,7 +5,6 @@ traces, findings, slow counts and head-sampling draws, and the same internal err
 from __future__ import annotations
 
 import io
-import random
 import sys
 from time import perf_counter
 
@@ -13,7 +12,7 @@ import pytest
 
 from perfagent.agent import Agent
 from perfagent.config import load_settings
-from perfagent.record import ROOT_PARENT, RequestRecord
+from perfagent.record import IDS, ROOT_PARENT, RequestRecord
 
 _SCOPE = {"type": "http", "headers": [(b"host", b"x")], "method": "GET"}
 _PARENT = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-"
@@ -104,7 +103,7 @@ def _ids(record: RequestRecord) -> tuple:
 
 
 def _outcome(agent: Agent, records: list[RequestRecord]) -> dict[str, object]:
-    random.seed(7)
+    IDS.seed(7)
     agent.log._stream = stream = io.StringIO()
     for record in records:
         agent.finish(record)
@@ -128,7 +127,7 @@ def _outcome(agent: Agent, records: list[RequestRecord]) -> dict[str, object]:
         "inflight": len(agent.inflight),
         "slow": {key: child._value.get() for key, child in agent.metrics._slow_children.items()},
         "errors": sorted(agent._errors_logged),
-        "drawn": random.random(),  # as many head-sample draws on both sides
+        "drawn": IDS.random(),  # as many head-sample draws on both sides
         "lines": lines,
         "counters": sorted(entry[0] for entry in buffer.counts.values()),
         "exported": [(kind, fields) for _, kind, fields, *_ in agent.exporter._findings],

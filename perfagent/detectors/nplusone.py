@@ -14,12 +14,11 @@ request lands in the same record whatever task or thread issued it.
 
 from __future__ import annotations
 
-import random
 from operator import attrgetter
 from typing import Any, NamedTuple
 
 from perfagent.export.logs import VARIES
-from perfagent.record import ROOT_PARENT, RequestRecord
+from perfagent.record import IDS, ROOT_PARENT, RequestRecord
 
 try:  # the grouping in C, built by pip where a C compiler is found (perfagent/_speedups.c)
     from perfagent._speedups import repeats as _compiled_repeats
@@ -103,7 +102,7 @@ class NPlusOneDetector:
                 stats=agent.metrics.stats,
                 fresh=agent.fresh,
                 recent=agent._recent,
-                getrandbits=random.getrandbits,
+                getrandbits=IDS.getrandbits,
                 root_parent=ROOT_PARENT,
                 minimum=self._minimum,
                 repeat_every=agent.repeat_every_s,

@@ -20,12 +20,13 @@ import struct
 import time
 import uuid
 from collections.abc import Iterable, Mapping
-from random import getrandbits
 from typing import Any
 
 from perfagent._version import __version__
 from perfagent.export import wire
-from perfagent.record import RequestRecord
+from perfagent.record import IDS, RequestRecord
+
+getrandbits = IDS.getrandbits  # span ids of the child spans
 
 #: ``InstrumentationScope``: name, version.
 _SCOPE_BYTES = wire.text(b"\x0a", "perfagent") + wire.text(b"\x12", __version__)
