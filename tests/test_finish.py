@@ -199,3 +199,49 @@ def test_an_exit_raised_in_a_step_is_not_swallowed(error):
             agent.finish(record)
     finally:
         agent.stop()
+
+
+def test_each_thread_finishes_into_its_own_buffer_and_a_fork_into_a_new_one():
+    """The compiled finisher keeps each thread's histogram buffer at hand (cached by
+    thread id): requests finished on many threads at once land in a buffer each, and
+    once a fork has given the stats a new ``threading.local``, the next in a new one."""
+    import threading
+
+    agent = _agent(True, 0.0)
+    assert type(agent.finish).__name__ == "Finisher"
+    stats = agent.metrics.stats
+
+    def finish(count: int) -> object:
+        for _ in range(count):
+            made = RequestRecord("GET", 100.0, _SCOPE)
+            made.route, made.status, made.end = "/t", 200, 100.01
+            agent.inflight[made] = (0, None)
+            agent.finish(made)
+        return stats.buffer()
+
+    def finished(buffer: object) -> int:
+        return sum(sum(entry[:-1]) for entry in buffer.tables[0].values())
+
+    main = finish(3)
+    # More threads alive at once than the cache has slots: some share a slot.
+    threads, together = 20, threading.Barrier(20)
+    buffers: list[object] = []
+    lock = threading.Lock()
+
+    def on_a_thread() -> None:
+        together.wait()
+        with lock:
+            buffers.append(finish(1))
+        together.wait()  # no thread ends (and frees its id) before all have finished
+
+    pool = [threading.Thread(target=on_a_thread) for _ in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    assert finish(1) is main and finished(main) == 4
+    assert len({id(buffer) for buffer in buffers}) == threads and main not in buffers
+    assert [finished(buffer) for buffer in buffers] == [1] * threads
+    stats.after_fork_in_child()
+    fresh = finish(1)
+    assert fresh is not main and (finished(fresh), finished(main)) == (1, 4)
