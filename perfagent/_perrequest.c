@@ -1454,12 +1454,26 @@ folded(NPlusOneReporter *self, PyObject *key)
     Py_RETURN_NONE;
 }
 
-/* ``round(ms, 3)`` without the call: the value written with three decimals and read
- * back, which is what ``float.__round__`` does (the same correctly rounded digits,
- * the same correctly rounded parse); a new float, or NULL with an error set. */
+/* ``round(ms, 3)`` without the call; a new float, or NULL with an error set.
+ *
+ * Mostly as ``ms * 1000`` to the nearest whole number, over 1000: under 1e9 the
+ * product is off the exact one by less than 2**-23, so unless it lies within 1e-6 of
+ * a half it rounds to the whole number the exact value rounds to; and that number
+ * over 1000, both exact, is divided with one rounding, to the float nearest the
+ * decimal, as parsing its digits would give (~1,500 CPU instructions less per N+1
+ * line). Else, as ``float.__round__`` does: the value written with three decimals
+ * (correctly rounded digits) and read back. */
 static PyObject *
 round_ms(double ms)
 {
+    double scaled = ms * 1000.0;
+    if (fabs(scaled) < 1e9) {
+        double whole = floor(scaled), fraction = scaled - whole;
+        if (fabs(fraction - 0.5) > 1e-6) {
+            double rounded = (fraction > 0.5 ? whole + 1.0 : whole) / 1000.0;
+            return PyFloat_FromDouble(rounded == 0.0 ? copysign(0.0, ms) : rounded);
+        }
+    }
     char *text = PyOS_double_to_string(ms, 'f', 3, 0, NULL);
     if (text == NULL) {
         return NULL;
@@ -1479,18 +1493,20 @@ hex128(PyObject *value)
         PyErr_SetString(PyExc_OverflowError, "not an id");
         return NULL;
     }
-    unsigned long long low = PyLong_AsUnsignedLongLongMask(value);
-    PyObject *shifted = PyNumber_Rshift(value, bits_64);
-    unsigned long long high = shifted == NULL ? 0 : PyLong_AsUnsignedLongLong(shifted);
-    Py_XDECREF(shifted);
-    if (PyErr_Occurred()) {
+    unsigned char bytes[16]; /* big-endian: the first byte gives the first two digits */
+#if PY_VERSION_HEX >= 0x030D0000
+    int failed = _PyLong_AsByteArray((PyLongObject *)value, bytes, 16, 0, 0, 1);
+#else
+    int failed = _PyLong_AsByteArray((PyLongObject *)value, bytes, 16, 0, 0);
+#endif
+    if (failed) { /* OverflowError: 2**128 or more */
         return NULL;
     }
     static const char digits[] = "0123456789abcdef";
     char text[32];
-    for (int i = 15; i >= 0; i--, high >>= 4, low >>= 4) {
-        text[i] = digits[high & 15];
-        text[i + 16] = digits[low & 15];
+    for (int i = 0; i < 16; i++) {
+        text[2 * i] = digits[bytes[i] >> 4];
+        text[2 * i + 1] = digits[bytes[i] & 15];
     }
     return PyUnicode_FromStringAndSize(text, 32);
 }

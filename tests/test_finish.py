@@ -5,6 +5,7 @@ traces, findings, slow counts and head-sampling draws, and the same internal err
 from __future__ import annotations
 
 import io
+import random
 import sys
 from time import perf_counter
 
@@ -245,3 +246,34 @@ def test_each_thread_finishes_into_its_own_buffer_and_a_fork_into_a_new_one():
     stats.after_fork_in_child()
     fresh = finish(1)
     assert fresh is not main and (finished(fresh), finished(main)) == (1, 4)
+
+
+def test_the_total_ms_of_an_n_plus_one_line_is_what_round_gives():
+    """The compiled reporter rounds ``total_ms`` without calling ``round()``: mostly
+    as whole thousandths, near a half by the digits. Either way, the same float as
+    ``round(ms, 3)``, over durations of every size and at the halves."""
+    import re
+
+    agent = _agent(True, 0.0)
+    agent.log._stream = stream = io.StringIO()
+    frame = sys._getframe()
+    draw = random.Random(11)
+    totals = [0.0, 1e-9, 2.5e-7, 5e-7, 1.5e-6, 0.0125, 0.0625, 1e3, 123456.789]
+    totals += [-0.0, -1e-9, -4e-7, -6e-7, -0.0125]  # a clock that went back: its sign kept
+    totals += [draw.uniform(0, 10) ** draw.choice((1, 3, 6)) / 1e6 for _ in range(3000)]
+    # At the halves: a thousandth and a half, then a little either side.
+    for _ in range(3000):
+        half = (draw.randrange(10**7) + 0.5) / 1e6
+        totals.append(half * (1 + draw.choice((0.0, 1e-15, -1e-15, 1e-12, -1e-12))))
+    for total in totals:
+        record = RequestRecord("GET", 100.0, _SCOPE)
+        record.route, record.status, record.end = "/t", 200, 100.01
+        agent.inflight[record] = (0, None)
+        for item in range(5):  # the first one takes the whole total; the rest none
+            sql = f"SELECT 1 FROM t WHERE id = {item}"
+            agent.capture.add(record, "sqlite", sql, None, 0.0, total if item == 0 else 0.0, frame)
+        agent.finish(record)
+    agent.log.write()
+    written = re.findall(r"total_ms=(\S+)", stream.getvalue())
+    summed = [sum((total, 0.0, 0.0, 0.0, 0.0)) for total in totals]  # as the summary adds
+    assert written == [repr(round(total * 1000.0, 3)) for total in summed]
