@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 import time
@@ -204,3 +205,26 @@ def test_each_query_is_a_client_span_of_the_request(servers, receiver, tmp_path)
             insert = queries[1]
             assert insert["attributes"]["db.query.text"] == "INSERT INTO scratch VALUES(...)"
             assert insert["attributes"]["db.operation.batch.size"] == 1000
+
+
+def test_gunicorn_workers_seeding_random_alike_keep_their_numbers_and_distinct_ids(
+    servers, receiver
+):
+    """Each pre-fork worker seeds ``random`` the same way at import. The trace ids
+    come from the agent's own generator, seeded again in each worker: no two requests
+    share a trace id, and each worker's ``random.random()`` gives exactly the seeded
+    sequence, however many ids the agent drew meanwhile."""
+    server, _ = _start(servers, receiver, GUNICORN, APP_RANDOM_SEED="99")
+    by_worker: dict[int, list[float]] = {}
+    trace_ids = []
+    for _ in range(400):  # new connections until both workers have answered a few
+        answer = requests.get(f"{server.base}/draw", timeout=10).json()
+        by_worker.setdefault(answer["pid"], []).append(answer["value"])
+        trace_ids.append(answer["traceparent"].split("-")[1])
+        if len(by_worker) == 2 and min(map(len, by_worker.values())) >= 3:
+            break
+    assert len(by_worker) == 2, "one worker answered every request"
+    assert len(set(trace_ids)) == len(trace_ids)
+    for values in by_worker.values():
+        seeded = random.Random(99)
+        assert values == [seeded.random() for _ in values]

@@ -1,6 +1,7 @@
 """Flask app used by the tests: blueprints, a MethodView, streaming, errors."""
 
 import os
+import random
 import sys
 import time
 
@@ -8,6 +9,8 @@ from flask import Blueprint, Flask, Response
 from flask.views import MethodView
 
 app = Flask(__name__)
+if os.environ.get("APP_RANDOM_SEED"):  # an app that seeds random alike in every worker
+    random.seed(int(os.environ["APP_RANDOM_SEED"]))
 shop = Blueprint("shop", __name__, url_prefix="/shop")
 
 
@@ -62,6 +65,17 @@ def propagate_context():
     carrier: dict = {}
     propagate.inject(carrier)
     return carrier
+
+
+@app.get("/draw")
+def draw():
+    """The request's trace context (its ids settled first), then one of the app's own
+    random numbers."""
+    from opentelemetry import propagate
+
+    carrier: dict = {}
+    propagate.inject(carrier)
+    return {"pid": os.getpid(), "traceparent": carrier["traceparent"], "value": random.random()}
 
 
 @app.get("/agent")
