@@ -28,6 +28,13 @@
 #if PY_VERSION_HEX < 0x030B0000
 #include <frameobject.h> /* PyFrame_GetBack: in Python.h from 3.11 */
 #endif
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030E0000
+/* The interpreter's own frames, read where no frame object exists yet (see Cursor). */
+#define INTERPRETER_FRAMES 1
+#define Py_BUILD_CORE 1
+#include "internal/pycore_frame.h"
+#undef Py_BUILD_CORE
+#endif
 
 static PyObject *str_done, *str_queries;
 
@@ -176,8 +183,98 @@ by_code(PyObject *cache, PyCodeObject *code)
     return PyTuple_GET_ITEM(entry, 1);
 }
 
+/*
+ * A Cursor is a frame of the running thread's stack, read for its code, offset and
+ * line: the walk of the call site needs nothing else. From Python 3.11 a function's
+ * frame has no frame object until something asks for one, and asking
+ * (``PyEval_GetFrame``, ``PyFrame_GetBack``) makes it: an object the collector
+ * tracks, whose frame is copied into it when the function returns. The hook asked
+ * for 3 a request on the benchmark's 11-query route (the view's, its list
+ * comprehension's and one more up the walk), each in flight for the rest of the view.
+ * On 3.11 to 3.13 a Cursor is the interpreter's frame itself, read as CPython's
+ * own ``PyFrame_GetLasti`` and ``PyEval_GetFrame`` read it, and no object is made;
+ * elsewhere it is the frame object, borrowed (a running frame's object is held by
+ * its interpreter frame, or on 3.10 by the frame it called).
+ */
+#ifdef INTERPRETER_FRAMES
+typedef _PyInterpreterFrame *Cursor;
+
+static inline Cursor
+complete_frame(Cursor frame)
+{
+    while (frame != NULL && _PyFrame_IsIncomplete(frame)) {
+        frame = frame->previous;
+    }
+    return frame;
+}
+
+static Cursor
+cursor_here(void)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    return complete_frame(PyThreadState_Get()->current_frame);
+#else
+    return complete_frame(PyThreadState_Get()->cframe->current_frame);
+#endif
+}
+
+static Cursor
+cursor_back(Cursor frame)
+{
+    return complete_frame(frame->previous);
+}
+
+/* The frame's code, borrowed; NULL where it runs none (3.13: not a code object). */
+static PyCodeObject *
+cursor_code(Cursor frame)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    return PyCode_Check(frame->f_executable) ? (PyCodeObject *)frame->f_executable : NULL;
+#else
+    return frame->f_code;
+#endif
+}
+
+/* As ``frame.f_lasti``: the offset in bytes of the instruction running, -1 if none. */
 static int
-frame_lasti(PyFrameObject *frame)
+cursor_lasti(Cursor frame)
+{
+    int lasti = _PyInterpreterFrame_LASTI(frame);
+    return lasti < 0 ? -1 : lasti * (int)sizeof(_Py_CODEUNIT);
+}
+
+static int
+cursor_line(Cursor frame)
+{
+    return PyCode_Addr2Line(cursor_code(frame), cursor_lasti(frame));
+}
+#else
+typedef PyFrameObject *Cursor;
+
+static Cursor
+cursor_here(void)
+{
+    return PyEval_GetFrame();
+}
+
+static Cursor
+cursor_back(Cursor frame)
+{
+    PyFrameObject *back = PyFrame_GetBack(frame);
+    Py_XDECREF(back); /* held by the frame it called, or by its own running frame */
+    return back;
+}
+
+static PyCodeObject *
+cursor_code(Cursor frame)
+{
+    PyCodeObject *code = PyFrame_GetCode(frame);
+    Py_DECREF(code); /* held by the frame */
+    return code;
+}
+
+static int
+cursor_lasti(Cursor frame)
 {
 #if PY_VERSION_HEX >= 0x030B0000
     return PyFrame_GetLasti(frame);
@@ -191,6 +288,13 @@ frame_lasti(PyFrameObject *frame)
     return lasti;
 #endif
 }
+
+static int
+cursor_line(Cursor frame)
+{
+    return PyFrame_GetLineNumber(frame);
+}
+#endif
 
 /* AppFrames.in_loop from its cache: 1 or 0; -1 when the code's loops are not known yet. */
 static int
@@ -224,22 +328,21 @@ in_loop(SqlHook *self, PyCodeObject *code, long offset)
  * walk that stops at once, which the Python walk caches in at_loop).
  */
 static PyObject *
-walk(SqlHook *self, PyFrameObject *first)
+walk(SqlHook *self, Cursor first)
 {
     PyObject *sites[MAX_FRAMES];
     int count = 0, budget = LIBRARY_BUDGET, ok = 1, at_once = 0;
-    PyFrameObject *frame = (PyFrameObject *)Py_XNewRef(first);
+    Cursor frame = first;
     while (frame != NULL && ok) {
-        PyCodeObject *code = PyFrame_GetCode(frame);
-        PyObject *known = by_code(self->kinds, code);
+        PyCodeObject *code = cursor_code(frame);
+        PyObject *known = code == NULL ? NULL : by_code(self->kinds, code);
         long kind = known != NULL && PyLong_CheckExact(known) ? PyLong_AsLong(known) : -1;
         int stop = 0;
         if (kind == KIND_APP) {
-            int offset = frame_lasti(frame);
+            int offset = cursor_lasti(frame);
             int loop = offset < 0 ? -1 : in_loop(self, code, offset);
             PyObject *site = loop < 0 ? NULL
-                                      : Py_BuildValue("(Oii)", code, offset,
-                                                      PyFrame_GetLineNumber(frame));
+                                      : Py_BuildValue("(Oii)", code, offset, cursor_line(frame));
             if (site == NULL) {
                 ok = 0;
             }
@@ -256,12 +359,8 @@ walk(SqlHook *self, PyFrameObject *first)
         else {
             ok = 0; /* not classified yet, or a lazy load */
         }
-        Py_DECREF(code);
-        PyFrameObject *back = stop ? NULL : PyFrame_GetBack(frame);
-        Py_DECREF(frame);
-        frame = back;
+        frame = stop ? NULL : cursor_back(frame);
     }
-    Py_XDECREF(frame);
     PyObject *result = NULL;
     if (ok && count > 0 && !at_once) {
         result = PyTuple_New(count);
@@ -278,42 +377,37 @@ walk(SqlHook *self, PyFrameObject *first)
 
 /* (sites, lazy) cached for the caller's code and offset, borrowed; NULL if not cached. */
 static PyObject *
-cached_sites(SqlHook *self, PyFrameObject *frame)
+cached_sites(SqlHook *self, Cursor frame)
 {
-    if (frame == NULL) {
+    PyCodeObject *code = frame == NULL ? NULL : cursor_code(frame);
+    if (code == NULL) {
         return NULL;
     }
-    PyCodeObject *code = PyFrame_GetCode(frame);
-    int lasti = frame_lasti(frame);
-    PyObject *answer = NULL;
-    size_t at = (((size_t)code >> 4) ^ (size_t)lasti) & (SITE_CACHE - 1);
+    int lasti = cursor_lasti(frame);
     if (lasti < 0) {
-        goto done;
+        return NULL;
     }
+    size_t at = (((size_t)code >> 4) ^ (size_t)lasti) & (SITE_CACHE - 1);
     if (self->recent[at].code == (PyObject *)code && self->recent[at].lasti == lasti) {
-        answer = self->recent[at].answer;
-        goto done;
+        return self->recent[at].answer;
     }
     PyObject *offsets = by_code(self->at_loop, code);
     if (offsets == NULL || !PyDict_CheckExact(offsets)) {
-        goto done;
+        return NULL;
     }
     PyObject *offset = PyLong_FromLong(lasti);
     if (offset == NULL) {
-        goto done;
+        return NULL;
     }
-    answer = PyDict_GetItemWithError(offsets, offset);
+    PyObject *answer = PyDict_GetItemWithError(offsets, offset);
     Py_DECREF(offset);
     if (answer == NULL || !PyTuple_CheckExact(answer) || PyTuple_GET_SIZE(answer) != 2) {
-        answer = NULL;
-        goto done;
+        return NULL;
     }
     /* What at_loop says of a code and offset never changes: kept, it stays right. */
     Py_XSETREF(self->recent[at].code, Py_NewRef((PyObject *)code));
     Py_XSETREF(self->recent[at].answer, Py_NewRef(answer));
     self->recent[at].lasti = lasti;
-done:
-    Py_DECREF(code);
     return answer;
 }
 
@@ -488,7 +582,7 @@ as_query(PyObject *query)
 /* QueryCapture.add for a query whose shape and call site are cached; 0 if done, -1 if not. */
 static int
 add_fast(SqlHook *self, PyObject *record, PyObject *sql, PyObject *params, double start,
-         double end, PyFrameObject *frame, Py_ssize_t many)
+         double end, Cursor frame, Py_ssize_t many)
 {
     if (!PyUnicode_CheckExact(sql)) {
         return -1;
@@ -618,8 +712,6 @@ SqlHook_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyO
         Py_DECREF(target);
         goto out_result;
     }
-    PyFrameObject *frame = PyEval_GetFrame(); /* the caller's: this function has none */
-    Py_XINCREF(frame);
     double start = now(self);
     result = PyObject_Vectorcall(self->run, call, nargs, kwnames);
     PyObject *exc_type, *exc_value, *exc_tb;
@@ -630,12 +722,14 @@ SqlHook_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyO
     PyObject *sql = args[1];
     PyObject *params = nargs > 2 ? args[2] : self->no_params;
     Py_ssize_t many = self->many ? size_of(params) : 0;
-    if (add_fast(self, record, sql, params, start, end, frame, many) < 0) {
+    if (add_fast(self, record, sql, params, start, end, cursor_here(), many) < 0) {
+        /* The caller's frame (this function has none), made here only for Python. */
+        PyObject *frame = (PyObject *)PyEval_GetFrame();
         PyObject *py_start = PyFloat_FromDouble(start), *py_end = PyFloat_FromDouble(end);
         PyObject *py_many = PyLong_FromSsize_t(many);
         if (py_start != NULL && py_end != NULL && py_many != NULL) {
             PyObject *add_args[8] = {record, self->system, sql, params, py_start, py_end,
-                                     frame != NULL ? (PyObject *)frame : Py_None, py_many};
+                                     frame != NULL ? frame : Py_None, py_many};
             PyObject *added = PyObject_Vectorcall(self->slow_add, add_args, 8, NULL);
             Py_XDECREF(added);
         }
@@ -645,7 +739,6 @@ SqlHook_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyO
         PyErr_Clear();
     }
     PyErr_Restore(exc_type, exc_value, exc_tb);
-    Py_XDECREF(frame);
     Py_DECREF(record);
 out_result:
     if (call != small) {

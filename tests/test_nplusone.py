@@ -658,6 +658,65 @@ def test_a_query_is_none_of_the_garbage_collectors_work():
     conn.close()
 
 
+@pytest.mark.skipif(
+    not (3, 11) <= sys.version_info[:2] <= (3, 13),
+    reason="frames are objects from the start before 3.11; 3.14's are read through them",
+)
+def test_the_hook_reads_the_callers_frame_without_making_its_object():
+    """From 3.11 a function's frame has no frame object until something asks for
+    one; the C hook reads the interpreter's frame instead (code, offset, line), so no
+    frame object is made for the view (one in flight per frame per request, counted
+    toward the next young collection, and copied into when the function returns),
+    and its sites are the same. A frame object, tracked or not, counts one in the
+    collector's young generation when it is made, as the cursor and rows here do not."""
+    import gc
+    import sqlite3
+
+    import perfagent
+    from perfagent.db import drivers
+    from perfagent.record import RequestRecord, current
+
+    assert drivers.SqlHook is not None, "perfagent/_speedups.c was not built by pip install"
+    perfagent.init(metrics_port=0, console_url="http://127.0.0.1:9")
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE t (id INTEGER, name TEXT)")
+    cursor = conn.cursor()  # one cursor: no cursor objects made per query
+    rows = [(i,) for i in range(6)]
+    made: list[int] = []
+
+    def view(record: RequestRecord | None) -> None:
+        token = current.set(record)
+        try:
+            before = gc.get_count()[0]
+            cursor.execute("SELECT id FROM t")  # not in a loop: the walk goes up the stack
+            for row in rows:
+                cursor.execute("SELECT name FROM t WHERE id = ?", row)
+            made.append(gc.get_count()[0] - before)
+        finally:
+            current.reset(token)
+
+    record = RequestRecord("GET", 0.0, None)
+    try:
+        view(RequestRecord("GET", 0.0, None))  # the first time: shapes and sites cached
+        gc.disable()
+        try:
+            view(None)
+            view(record)
+        finally:
+            gc.enable()
+    finally:
+        conn.close()
+        perfagent.shutdown()
+    outside, inside = made[1:]
+    assert inside == outside, (inside, outside)
+    code = view.__code__
+    first = next(q for q in record.queries if q.sql == "SELECT id FROM t").sites[0]
+    loop = record.queries[1].sites[0]
+    assert first[0] is code and loop[0] is code
+    assert loop[2] == first[2] + 2  # the line of each cursor.execute
+    assert all(q.sites == record.queries[1].sites for q in record.queries[2:])
+
+
 def test_an_installed_script_is_not_the_apps_code():
     """``bin/uvicorn`` (a console script of an installed package) heads the stack of a
     loop that idles: a callsite there would name no line of the app. The app's own
