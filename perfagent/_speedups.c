@@ -79,7 +79,8 @@ use_record_type(PyObject *module, PyObject *cls)
     Py_RETURN_NONE;
 }
 
-#define SITE_CACHE 8 /* entries of SqlHook.recent; a power of two */
+#define SITE_CACHE 8  /* entries of SqlHook.recent; a power of two */
+#define CODE_CACHE 64 /* entries of SqlHook.kinds_seen and sites_seen; a power of two */
 
 typedef struct {
     PyObject_HEAD
@@ -107,6 +108,24 @@ typedef struct {
         int lasti;
         PyObject *answer;
     } recent[SITE_CACHE];
+    /* What the walk read of each code it passed and of each app line: the code's
+     * kind, and the line's site and whether it lies in a loop. A query outside a
+     * loop walks up the stack every time (its callers decide its sites): on the
+     * benchmark's 11-query route, 7 frames, each kind an id-keyed dict lookup and
+     * an int made for it, and a site tuple and a line-table read per app frame,
+     * ~2,500 CPU instructions a request. None of these answers ever changes for a
+     * code and offset (callsite.py: a kind is its file's; the loops are its
+     * bytecode's), and the code is held, so its address stays its own. */
+    struct {
+        PyObject *code;
+        long kind;
+    } kinds_seen[CODE_CACHE];
+    struct {
+        PyObject *code;
+        int offset;
+        int loop;
+        PyObject *site;
+    } sites_seen[CODE_CACHE];
 } SqlHook;
 
 /* 1 where time.perf_counter() is clock_gettime(CLOCK_MONOTONIC) (Linux; the module
@@ -327,6 +346,61 @@ in_loop(SqlHook *self, PyCodeObject *code, long offset)
  * whatever the Python walk must see (new code, a lazy load, no app frame, or a
  * walk that stops at once, which the Python walk caches in at_loop).
  */
+/* Both caches are sets of two entries (at and at ^ 1), the last one put in first: two
+ * codes or lines the same walk passes that fall on one set do not push each other
+ * out at every walk. */
+
+/* The kind of ``code`` (KIND_APP, KIND_LIBRARY, or another AppFrames knows), -1 when
+ * it is not classified yet. */
+static long
+kind_of(SqlHook *self, PyCodeObject *code)
+{
+    size_t at = ((size_t)code >> 4) & (CODE_CACHE - 1);
+    if (self->kinds_seen[at].code == (PyObject *)code) {
+        return self->kinds_seen[at].kind;
+    }
+    if (self->kinds_seen[at ^ 1].code == (PyObject *)code) {
+        return self->kinds_seen[at ^ 1].kind;
+    }
+    PyObject *known = by_code(self->kinds, code);
+    long kind = known != NULL && PyLong_CheckExact(known) ? PyLong_AsLong(known) : -1;
+    if (kind >= 0) {
+        Py_XSETREF(self->kinds_seen[at ^ 1].code, self->kinds_seen[at].code);
+        self->kinds_seen[at ^ 1].kind = self->kinds_seen[at].kind;
+        self->kinds_seen[at].code = Py_NewRef((PyObject *)code);
+        self->kinds_seen[at].kind = kind;
+    }
+    return kind;
+}
+
+/* The site (code, offset, line) of an app frame, borrowed, with whether its line is
+ * in a loop of its code into ``*loop``; NULL when its loops are not known yet. */
+static PyObject *
+site_of(SqlHook *self, Cursor frame, PyCodeObject *code, int offset, int *loop)
+{
+    size_t at = (((size_t)code >> 4) ^ (size_t)offset) & (CODE_CACHE - 1);
+    for (int way = 0; way < 2; way++, at ^= 1) { /* at is at again after the loop */
+        if (self->sites_seen[at].code == (PyObject *)code &&
+            self->sites_seen[at].offset == offset) {
+            *loop = self->sites_seen[at].loop;
+            return self->sites_seen[at].site;
+        }
+    }
+    int in = in_loop(self, code, offset);
+    PyObject *site = in < 0 ? NULL : Py_BuildValue("(Oii)", code, offset, cursor_line(frame));
+    if (site == NULL) {
+        return NULL;
+    }
+    Py_XDECREF(self->sites_seen[at ^ 1].code);
+    Py_XDECREF(self->sites_seen[at ^ 1].site);
+    self->sites_seen[at ^ 1] = self->sites_seen[at];
+    self->sites_seen[at].code = Py_NewRef((PyObject *)code);
+    self->sites_seen[at].site = site;
+    self->sites_seen[at].offset = offset;
+    self->sites_seen[at].loop = *loop = in;
+    return site;
+}
+
 static PyObject *
 walk(SqlHook *self, Cursor first)
 {
@@ -335,19 +409,16 @@ walk(SqlHook *self, Cursor first)
     Cursor frame = first;
     while (frame != NULL && ok) {
         PyCodeObject *code = cursor_code(frame);
-        PyObject *known = code == NULL ? NULL : by_code(self->kinds, code);
-        long kind = known != NULL && PyLong_CheckExact(known) ? PyLong_AsLong(known) : -1;
+        long kind = code == NULL ? -1 : kind_of(self, code);
         int stop = 0;
         if (kind == KIND_APP) {
-            int offset = cursor_lasti(frame);
-            int loop = offset < 0 ? -1 : in_loop(self, code, offset);
-            PyObject *site = loop < 0 ? NULL
-                                      : Py_BuildValue("(Oii)", code, offset, cursor_line(frame));
+            int offset = cursor_lasti(frame), loop = 0;
+            PyObject *site = offset < 0 ? NULL : site_of(self, frame, code, offset, &loop);
             if (site == NULL) {
                 ok = 0;
             }
             else {
-                sites[count++] = site;
+                sites[count++] = Py_NewRef(site);
                 stop = count >= MAX_FRAMES || loop == 1;
                 at_once = stop && frame == first;
                 budget = LIBRARY_BUDGET;
@@ -811,6 +882,9 @@ SqlHook_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     X(slow_add) X(shapes) X(kinds) X(loops) X(at_loop)                                     \
     for (int i = 0; i < SITE_CACHE; i++) {                                                  \
         X(recent[i].code) X(recent[i].answer)                                               \
+    }                                                                                       \
+    for (int i = 0; i < CODE_CACHE; i++) {                                                  \
+        X(kinds_seen[i].code) X(sites_seen[i].code) X(sites_seen[i].site)                   \
     }
 
 static int

@@ -662,13 +662,15 @@ def test_a_query_is_none_of_the_garbage_collectors_work():
     not (3, 11) <= sys.version_info[:2] <= (3, 13),
     reason="frames are objects from the start before 3.11; 3.14's are read through them",
 )
-def test_the_hook_reads_the_callers_frame_without_making_its_object():
+def test_the_hook_reads_the_callers_frame_and_sites_without_making_objects():
     """From 3.11 a function's frame has no frame object until something asks for
     one; the C hook reads the interpreter's frame instead (code, offset, line), so no
     frame object is made for the view (one in flight per frame per request, counted
     toward the next young collection, and copied into when the function returns),
-    and its sites are the same. A frame object, tracked or not, counts one in the
-    collector's young generation when it is made, as the cursor and rows here do not."""
+    and its sites are the same. Nor is a site made again: the walk up from a query
+    outside a loop reuses the site tuple it made for that line before. A frame object
+    or a tuple counts one in the collector's young generation when it is made, as
+    the cursor and rows here do not."""
     import gc
     import sqlite3
 
@@ -695,9 +697,10 @@ def test_the_hook_reads_the_callers_frame_without_making_its_object():
         finally:
             current.reset(token)
 
-    record = RequestRecord("GET", 0.0, None)
+    record, earlier = RequestRecord("GET", 0.0, None), RequestRecord("GET", 0.0, None)
     try:
-        view(RequestRecord("GET", 0.0, None))  # the first time: shapes and sites cached
+        view(earlier)  # the first time: shapes and sites cached
+        view(earlier)
         gc.disable()
         try:
             view(None)
@@ -707,7 +710,7 @@ def test_the_hook_reads_the_callers_frame_without_making_its_object():
     finally:
         conn.close()
         perfagent.shutdown()
-    outside, inside = made[1:]
+    outside, inside = made[2:]
     assert inside == outside, (inside, outside)
     code = view.__code__
     first = next(q for q in record.queries if q.sql == "SELECT id FROM t").sites[0]
@@ -715,6 +718,10 @@ def test_the_hook_reads_the_callers_frame_without_making_its_object():
     assert first[0] is code and loop[0] is code
     assert loop[2] == first[2] + 2  # the line of each cursor.execute
     assert all(q.sites == record.queries[1].sites for q in record.queries[2:])
+    # The walk up from the query outside the loop reads each code and line once: its
+    # sites are the ones it found before, not new ones (_speedups.c: site_of).
+    again = next(q for q in earlier.queries[7:] if q.sql == "SELECT id FROM t").sites
+    assert first is again[0] and first[:2] == (code, again[0][1])
 
 
 def test_an_installed_script_is_not_the_apps_code():
