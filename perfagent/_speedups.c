@@ -340,13 +340,8 @@ in_loop(SqlHook *self, PyCodeObject *code, long offset)
     return 0;
 }
 
-/*
- * AppFrames.capture's walk, for stacks whose every frame's kind is already known
- * and holds no lazy load: the app sites as a new tuple; NULL (no error set) for
- * whatever the Python walk must see (new code, a lazy load, no app frame, or a
- * walk that stops at once, which the Python walk caches in at_loop).
- */
-/* Both caches are sets of two entries (at and at ^ 1), the last one put in first: two
+/* The walk's caches (SqlHook.kinds_seen, sites_seen) are sets of two entries (at and
+ * at ^ 1), the last one put in first, into an empty entry where there is one: two
  * codes or lines the same walk passes that fall on one set do not push each other
  * out at every walk. */
 
@@ -365,8 +360,10 @@ kind_of(SqlHook *self, PyCodeObject *code)
     PyObject *known = by_code(self->kinds, code);
     long kind = known != NULL && PyLong_CheckExact(known) ? PyLong_AsLong(known) : -1;
     if (kind >= 0) {
-        Py_XSETREF(self->kinds_seen[at ^ 1].code, self->kinds_seen[at].code);
-        self->kinds_seen[at ^ 1].kind = self->kinds_seen[at].kind;
+        if (self->kinds_seen[at].code != NULL) { /* the older entry gives way */
+            Py_XSETREF(self->kinds_seen[at ^ 1].code, self->kinds_seen[at].code);
+            self->kinds_seen[at ^ 1].kind = self->kinds_seen[at].kind;
+        }
         self->kinds_seen[at].code = Py_NewRef((PyObject *)code);
         self->kinds_seen[at].kind = kind;
     }
@@ -391,9 +388,11 @@ site_of(SqlHook *self, Cursor frame, PyCodeObject *code, int offset, int *loop)
     if (site == NULL) {
         return NULL;
     }
-    Py_XDECREF(self->sites_seen[at ^ 1].code);
-    Py_XDECREF(self->sites_seen[at ^ 1].site);
-    self->sites_seen[at ^ 1] = self->sites_seen[at];
+    if (self->sites_seen[at].code != NULL) { /* the older entry gives way */
+        Py_XDECREF(self->sites_seen[at ^ 1].code);
+        Py_XDECREF(self->sites_seen[at ^ 1].site);
+        self->sites_seen[at ^ 1] = self->sites_seen[at];
+    }
     self->sites_seen[at].code = Py_NewRef((PyObject *)code);
     self->sites_seen[at].site = site;
     self->sites_seen[at].offset = offset;
@@ -401,6 +400,12 @@ site_of(SqlHook *self, Cursor frame, PyCodeObject *code, int offset, int *loop)
     return site;
 }
 
+/*
+ * AppFrames.capture's walk, for stacks whose every frame's kind is already known
+ * and holds no lazy load: the app sites as a new tuple; NULL (no error set) for
+ * whatever the Python walk must see (new code, a lazy load, no app frame, or a
+ * walk that stops at once, which the Python walk caches in at_loop).
+ */
 static PyObject *
 walk(SqlHook *self, Cursor first)
 {

@@ -721,7 +721,7 @@ def test_the_hook_reads_the_callers_frame_and_sites_without_making_objects():
     # The walk up from the query outside the loop reads each code and line once: its
     # sites are the ones it found before, not new ones (_speedups.c: site_of).
     again = next(q for q in earlier.queries[7:] if q.sql == "SELECT id FROM t").sites
-    assert first is again[0] and first[:2] == (code, again[0][1])
+    assert first is again[0]
 
 
 def test_an_installed_script_is_not_the_apps_code():
