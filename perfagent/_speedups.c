@@ -676,10 +676,12 @@ add_fast(SqlHook *self, PyObject *record, PyObject *sql, PyObject *params, doubl
     else if ((sites = walk(self, frame)) == NULL) {
         return -1;
     }
-    for (Py_ssize_t i = 0; PyTuple_Check(sites) && i < PyTuple_GET_SIZE(sites); i++) {
-        untrack_atoms(PyTuple_GET_ITEM(sites, i));
+    if (PyTuple_Check(sites) && PyObject_GC_IsTracked(sites)) { /* a new walk's, not cached */
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(sites); i++) {
+            untrack_atoms(PyTuple_GET_ITEM(sites, i));
+        }
+        untrack_atoms(sites);
     }
-    untrack_atoms(sites);
     untrack_atoms(shape);
     untrack_atoms(params);
     PyObject *query = (PyObject *)query_new(self->system, sql, shape, params, start,
@@ -790,8 +792,10 @@ SqlHook_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyO
     }
     double start = now(self);
     result = PyObject_Vectorcall(self->run, call, nargs, kwnames);
-    PyObject *exc_type, *exc_value, *exc_tb;
-    PyErr_Fetch(&exc_type, &exc_value, &exc_tb); /* the driver's error, if any, kept aside */
+    PyObject *exc_type = NULL, *exc_value = NULL, *exc_tb = NULL;
+    if (result == NULL) {
+        PyErr_Fetch(&exc_type, &exc_value, &exc_tb); /* the driver's error, kept aside */
+    }
     double end = now(self);
     Py_DECREF(target);
 
@@ -814,7 +818,9 @@ SqlHook_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyO
         Py_XDECREF(py_many);
         PyErr_Clear();
     }
-    PyErr_Restore(exc_type, exc_value, exc_tb);
+    if (result == NULL) {
+        PyErr_Restore(exc_type, exc_value, exc_tb);
+    }
     Py_DECREF(record);
 out_result:
     if (call != small) {
@@ -1014,11 +1020,15 @@ typedef struct {
  * entry per query, ~4,800 here (each figure with the call itself).
  */
 static PyObject *
-repeats(PyObject *module, PyObject *args)
+repeats(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *queries;
-    Py_ssize_t minimum;
-    if (!PyArg_ParseTuple(args, "O!n:repeats", &PyList_Type, &queries, &minimum)) {
+    if (nargs != 2 || !PyList_Check(args[0]) || !PyLong_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "repeats(queries: list, minimum: int)");
+        return NULL;
+    }
+    PyObject *queries = args[0];
+    Py_ssize_t minimum = PyLong_AsSsize_t(args[1]);
+    if (minimum == -1 && PyErr_Occurred()) {
         return NULL;
     }
     Py_ssize_t n = PyList_GET_SIZE(queries), used = 0;
@@ -1233,8 +1243,18 @@ summary(PyObject *module, PyObject *group)
         total += compensation;
     }
     int same = known > 0 && known == size && distinct == 1;
-    result = known ? Py_BuildValue("(nOOd)", distinct, same ? Py_True : Py_False, lazy, total)
-                   : Py_BuildValue("(OOOd)", Py_None, same ? Py_True : Py_False, lazy, total);
+    PyObject *count = known ? PyLong_FromSsize_t(distinct) : Py_NewRef(Py_None);
+    PyObject *seconds = count == NULL ? NULL : PyFloat_FromDouble(total);
+    result = seconds == NULL ? NULL : PyTuple_New(4);
+    if (result == NULL) {
+        Py_XDECREF(count);
+        Py_XDECREF(seconds);
+        goto done;
+    }
+    PyTuple_SET_ITEM(result, 0, count);
+    PyTuple_SET_ITEM(result, 1, Py_NewRef(same ? Py_True : Py_False));
+    PyTuple_SET_ITEM(result, 2, Py_NewRef(lazy));
+    PyTuple_SET_ITEM(result, 3, seconds);
 done:
     PyMem_Free(hashes);
     PyMem_Free(table.slots);
@@ -1279,13 +1299,15 @@ flush_entry(Pending *pending, Py_ssize_t nbounds)
  * fewer with consecutive queries of one entry counted in C and written once.
  */
 static PyObject *
-observe_queries(PyObject *module, PyObject *args)
+observe_queries(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *table, *bounds, *queries;
-    if (!PyArg_ParseTuple(args, "O!O!O!:observe_queries", &PyDict_Type, &table, &PyTuple_Type,
-                          &bounds, &PyList_Type, &queries)) {
+    if (nargs != 3 || !PyDict_Check(args[0]) || !PyTuple_Check(args[1]) ||
+        !PyList_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "observe_queries(table: dict, bounds: tuple, queries: list)");
         return NULL;
     }
+    PyObject *table = args[0], *bounds = args[1], *queries = args[2];
     double limits[64];
     Py_ssize_t nbounds = PyTuple_GET_SIZE(bounds);
     if (nbounds > 64) {
@@ -1349,8 +1371,10 @@ fail: {
 }
 
 static PyMethodDef speedups_functions[] = {
-    {"repeats", repeats, METH_VARARGS, "The N+1 detector's grouping of a request's queries."},
-    {"observe_queries", observe_queries, METH_VARARGS, "Query durations into a histogram table."},
+    {"repeats", (PyCFunction)(void (*)(void))repeats, METH_FASTCALL,
+     "The N+1 detector's grouping of a request's queries."},
+    {"observe_queries", (PyCFunction)(void (*)(void))observe_queries, METH_FASTCALL,
+     "Query durations into a histogram table."},
     {"summary", summary, METH_O, "What one group of repeats says: distinct, identical, lazy, total."},
     {"use_record_type", use_record_type, METH_O, "The record class whose slots are read directly."},
     {NULL, NULL, 0, NULL},

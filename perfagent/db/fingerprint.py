@@ -14,6 +14,7 @@ literals inlined (f-strings) differ every time; the cache is bounded.
 from __future__ import annotations
 
 import re
+import sys
 from typing import NamedTuple
 
 _CACHE_MAX = 4096
@@ -57,6 +58,11 @@ def _normalize(sql: str) -> Shape:
     operation = match.group(1).upper() if match else ""
     if operation == "WITH":
         operation = "SELECT"
+    # One str per operation name, so that the shapes of one operation share it: the
+    # compiled histogram step (observe_queries) tells consecutive queries of one
+    # (system, operation) entry apart by identity and looks an entry up only when it
+    # changes (the 11-query route: one lookup a request instead of two).
+    operation = sys.intern(operation)
     return Shape(text, operation, batched, operation in _NOT_REPEATS)
 
 

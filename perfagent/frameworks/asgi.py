@@ -133,7 +133,7 @@ def _compiled_begin(
         agent=agent,
         current=current,
         record_type=RequestRecord,
-        known_methods=KNOWN_METHODS,
+        known_methods={method: method for method in KNOWN_METHODS},
         resolve=resolve,
         server_timing=server_timing,
         foreign=foreign,
