@@ -652,7 +652,7 @@ CALLABLE_TYPE(QueuedLine,
 static PyObject *str_done, *str_end, *str_route, *str_method, *str_status, *str_queries,
     *str_thread_wait, *str_start, *str_streaming, *str_first_byte, *str_profile, *str_foreign,
     *str_findings, *str_error_type, *str_buffer, *str_active, *str_tables, *str_local, *str_sampled, *str_carrier, *str_parent,
-    *str_trace_id_slot, *str_span_id_slot, *str_http_traceparent;
+    *str_trace_id_slot, *str_http_traceparent;
 
 static PyTypeObject *query_type; /* _speedups.Query, or NULL where it was not built */
 
@@ -862,7 +862,7 @@ make_record(PyObject *cls, PyObject *method, PyObject *start, PyObject *carrier)
 static PyObject *str_headers; /* "headers" (defined with the ASGI adapter's names) */
 static PyObject *one, *zero; /* the ints 1 and 0 */
 static PyObject *str_trace_id_property, *str_counts;
-static PyObject *bits_128, *bits_64; /* the ints 128 and 64 */
+static PyObject *bits_128; /* the int 128 */
 
 #define MAX_BOUNDS 32
 
@@ -1218,9 +1218,10 @@ draw_bits(PyObject *getrandbits, PyObject *bits)
 }
 
 /* The record's trace id into ``*trace_id`` (a new reference): 1 when settled, drawn
- * here as ``trace_ids()`` draws them if the request had none and no caller's
- * ``traceparent`` (then with its span id and ``root_parent``); 0 when the
- * ``traceparent`` is there for the Python code to read; -1 on error. */
+ * here as ``settled_trace_id()`` draws it if the request had none and no caller's
+ * ``traceparent`` (then with ``root_parent``; the span id is drawn when first asked
+ * for, by ``trace_ids()``); 0 when the ``traceparent`` is there for the Python code
+ * to read; -1 on error. */
 static int
 settled_trace_id(PyObject *record, PyObject *getrandbits, PyObject *root_parent,
                  PyObject **trace_id)
@@ -1234,11 +1235,8 @@ settled_trace_id(PyObject *record, PyObject *getrandbits, PyObject *root_parent,
             return given < 0 ? -1 : 0;
         }
         Py_SETREF(id, draw_bits(getrandbits, bits_128));
-        PyObject *span_id = id == NULL ? NULL : draw_bits(getrandbits, bits_64);
-        int failed = span_id == NULL || set_attr(record, str_trace_id_slot, id) < 0 ||
-                     set_attr(record, str_span_id_slot, span_id) < 0 ||
+        int failed = id == NULL || set_attr(record, str_trace_id_slot, id) < 0 ||
                      set_attr(record, str_parent, root_parent) < 0;
-        Py_XDECREF(span_id);
         unset = failed ? -1 : 0;
     }
     if (unset < 0) {
@@ -1249,8 +1247,8 @@ settled_trace_id(PyObject *record, PyObject *getrandbits, PyObject *root_parent,
     return 1;
 }
 
-/* ``Agent.head_sampled(record)``: decided here when the request's ids are settled or
- * need no caller's ``traceparent`` (drawn here as ``trace_ids()`` draws them); else
+/* ``Agent.head_sampled(record)``: decided here when the request's trace id is settled
+ * or needs no caller's ``traceparent`` (drawn here as ``settled_trace_id()`` draws it); else
  * asked of the Python method. 1 or 0, and ``record.sampled`` set; -1 on error. */
 static int
 head_sampled(Finisher *self, PyObject *record)
@@ -1609,8 +1607,8 @@ hex128(PyObject *value)
     return PyUnicode_FromStringAndSize(text, 32);
 }
 
-/* ``record.trace_id``: 32 hex digits, the ids drawn here as in ``trace_ids()`` when the
- * request has none yet and no caller's ``traceparent``; a new reference. */
+/* ``record.trace_id``: 32 hex digits, the id drawn here as in ``settled_trace_id()``
+ * when the request has none yet and no caller's ``traceparent``; a new reference. */
 static PyObject *
 trace_hex(NPlusOneReporter *self, PyObject *record)
 {
@@ -2795,11 +2793,11 @@ make_constants(void)
         INTERN(deferred) INTERN(write) INTERN(mount_prefix)
         TEXT(space, " ") TEXT(empty, "") TEXT(other, "_OTHER")
         TEXT(trace_id_property, "trace_id") TEXT(trace_id_slot, "_trace_id")
-        TEXT(span_id_slot, "_span_id") TEXT(http_traceparent, "HTTP_TRACEPARENT")
+        TEXT(http_traceparent, "HTTP_TRACEPARENT")
         TEXT(fastapi_telemetry, "fastapi.telemetry") TEXT(http_body, "http.response.body")
         TEXT(http_start, "http.response.start") TEXT(asgi_start, "asgi.start")
         TEXT(asgi_response_start, "asgi.response_start") TEXT(asgi_end, "asgi.end")
-        INT(zero, 0) INT(one, 1) INT(bits_64, 64) INT(bits_128, 128)
+        INT(zero, 0) INT(one, 1) INT(bits_128, 128)
         (str_server_timing = PyBytes_FromString("server-timing")) == NULL) {
         return -1;
     }

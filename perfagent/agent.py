@@ -274,7 +274,7 @@ class Agent:
     def head_sampled(self, record: RequestRecord) -> bool:
         """The head-sampling decision for a request, taken once."""
         if record.sampled is None:
-            trace_id, _ = record.trace_ids()
+            trace_id = record.settled_trace_id()
             parent_sampled = record.parent[1] if record.parent else None
             record.sampled = self.sampler.sampled(trace_id, parent_sampled)
         return record.sampled

@@ -150,12 +150,10 @@ class RequestRecord:
                 return None
         return self.route
 
-    def trace_ids(self) -> tuple[int, int]:
-        """(trace id, span id) of this request's server span, settled on first use.
-
-        The caller's ``traceparent`` gives the trace id; otherwise it is random.
-        Requests that never need one pay nothing.
-        """
+    def settled_trace_id(self) -> int:
+        """The trace id, settled on first use: the caller's ``traceparent`` gives it
+        (and ``parent``); otherwise it is random. Requests that never need one pay
+        nothing."""
         if not self._trace_id:
             raw_parent, state = incoming_headers(self.carrier)
             parsed = parse_traceparent(raw_parent) if raw_parent else None
@@ -165,13 +163,24 @@ class RequestRecord:
             else:
                 self._trace_id = parsed[0]
                 self.parent = (parsed[1], parsed[2], state)
+        return self._trace_id
+
+    def trace_ids(self) -> tuple[int, int]:
+        """(trace id, span id) of this request's server span, each settled on first use.
+
+        The span id is drawn only when something asks for it (an export, OpenTelemetry
+        code, a log record): the head sample and the findings' log lines need the
+        trace id alone (a draw less a request: ~650 CPU instructions).
+        """
+        trace_id = self.settled_trace_id()
+        if not self._span_id:
             self._span_id = IDS.getrandbits(64) or 1
-        return self._trace_id, self._span_id
+        return trace_id, self._span_id
 
     @property
     def trace_id(self) -> str:
         """32 hex digits."""
-        return f"{self.trace_ids()[0]:032x}"
+        return f"{self.settled_trace_id():032x}"
 
     @property
     def span_id(self) -> str:

@@ -285,6 +285,38 @@ def test_the_apps_random_numbers_stay_its_own(compiled):
     assert len({record.trace_ids()[0] for record in finished}) == 5
 
 
+@pytest.mark.parametrize("compiled", [True, False])
+def test_the_span_id_is_drawn_only_when_something_asks_for_it(compiled):
+    """The head sample and a finding's log line need the trace id alone: a request
+    that nothing exports ends with its trace id drawn and its span id not; asked for
+    later (an export, OpenTelemetry code, a log record), the span id is drawn then,
+    once."""
+    app = FastAPI()
+
+    @app.get("/x")
+    async def view():
+        return {}
+
+    perfagent.init(app, metrics_port=0, compiled_hooks=compiled, trace_sample=0.0)
+    agent = perfagent._state["agent"]
+    finished = []
+    finish = agent.finish
+    agent.finish = lambda record: (finished.append(record), finish(record))
+
+    async def main():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            await client.get("/x")
+
+    asyncio.run(main())
+    (record,) = finished
+    assert record.sampled is False and not record.keep
+    assert record._trace_id != 0 and record._span_id == 0
+    trace_id, span_id = record.trace_ids()
+    assert trace_id == record._trace_id and span_id != 0
+    assert record.trace_ids() == (trace_id, span_id)
+
+
 def test_a_forked_worker_draws_trace_ids_of_its_own():
     """A pre-fork server's workers must not repeat each other's trace ids: the agent's
     generator is seeded again in each child, even where the app seeds ``random`` alike
