@@ -13,12 +13,17 @@ over rounds; "ratio" is throughput against the bare app in the same run, and
 "rounds" the lowest and highest of that ratio taken round by round.
 Also measured: start-up time added to importing the app, and memory (RSS and
 PSS of the app's processes) after the run (and, with --memory, after 100,000
-and 1,000,000 requests over 10,000 distinct raw paths).
+and 1,000,000 requests over 10,000 distinct raw paths). With --gc, each server
+also counts its garbage collections (``gcwatch/sitecustomize.py``), printed per
+1,000 requests with the time they took per request: under load, the objects a
+request holds while in flight make young collections more frequent, and every
+~11th collection of the middle generation is a full one.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -69,6 +74,8 @@ class Server:
     #: Per round: requests/s, p50 and p99 ms, the server's CPU µs per request.
     runs: list[tuple[float, float, float, float]] = field(default_factory=list)
     requests: int = 0  # served in the measured rounds
+    #: With --gc: the collector's totals (young, middle, full, seconds) before the rounds.
+    gc_before: list[float] | None = None
 
     def wait_ready(self, path: str, timeout: float = 60.0) -> None:
         import urllib.request
@@ -205,6 +212,37 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+def gc_totals(server: Server, folder: str) -> list[float] | None:
+    """The collector's totals (young, middle, full collections; seconds) summed over
+    the server's processes, as their ``gcwatch`` callbacks last wrote them; None
+    where none wrote any."""
+    totals = None
+    for pid in tree_pids(server.proc.pid):
+        try:
+            values = json.loads(Path(folder, str(pid)).read_text())
+        except (OSError, ValueError):
+            continue
+        totals = values if totals is None else [a + b for a, b in zip(totals, values, strict=True)]
+    return totals
+
+
+def gc_report(servers: list[Server], folder: str) -> None:
+    print("  garbage collection (--gc): per 1,000 requests, and its time per request")
+    time.sleep(0.3)  # past the callbacks' 0.2 s between writes
+    for server in servers:
+        after = None if server.config == "opentelemetry-instrument" else gc_totals(server, folder)
+        if after is None or not server.requests:
+            print(f"  {server.config:<26}not counted (its own sitecustomize runs instead)")
+            continue
+        before = server.gc_before or [0.0, 0.0, 0.0, 0.0]
+        young, middle, full, seconds = (a - b for a, b in zip(after, before, strict=True))
+        per_k = 1000 / server.requests
+        print(
+            f"  {server.config:<26}young {young * per_k:6.1f}   middle {middle * per_k:5.2f}"
+            f"   full {full * per_k:5.2f}   {seconds / server.requests * 1e6:6.1f} µs a request"
+        )
+
+
 def app_memory_mib(server: Server) -> tuple[float, float, float]:
     """(RSS, PSS of the app's processes, PSS of perfagent's runner) in MiB, for one server."""
     tree = tree_memory_kib(server.proc.pid)
@@ -305,6 +343,9 @@ def main() -> int:
         help="a PERFAGENT_ setting for the perfagent configuration (to see what a feature costs)",
     )
     parser.add_argument("--no-startup", action="store_true", help="skip the start-up timing")
+    parser.add_argument(
+        "--gc", action="store_true", help="also count each server's garbage collections"
+    )
     args = parser.parse_args()
     settings = dict(item.split("=", 1) for item in args.set)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the finally blocks still run
@@ -314,6 +355,10 @@ def main() -> int:
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PERFAGENT_", "OTEL_"))}
     env["PYTHONPATH"] = str(APPS_DIR)
+    gc_folder = tempfile.mkdtemp(prefix="perfagent-bench-gc-") if args.gc else None
+    if gc_folder:
+        env["PYTHONPATH"] += os.pathsep + str(HERE / "gcwatch")
+        env["BENCH_GC_DIR"] = gc_folder
     sink_port, console_port = free_port(), free_port()
     helpers = [
         subprocess.Popen(
@@ -349,6 +394,10 @@ def main() -> int:
                 for server in servers:  # warm up every server once
                     wrk(server.port, path, 1, args.connections)
                 console_cpu = cpu_seconds(helpers[1].pid)
+                if gc_folder:
+                    time.sleep(0.3)  # past the callbacks' 0.2 s between writes
+                    for server in servers:
+                        server.gc_before = gc_totals(server, gc_folder)
                 for round_no in range(args.rounds):
                     shift = round_no % len(servers)
                     for server in servers[shift:] + servers[:shift]:
@@ -367,6 +416,8 @@ def main() -> int:
                         server.runs.append((rps, p50, p99, cpu_us))
                         server.requests += total
                 report(app, servers, cpu_seconds(helpers[1].pid) - console_cpu)
+                if gc_folder:
+                    gc_report(servers, gc_folder)
                 if args.memory and app in ("fastapi-hello", "flask-hello"):
                     memory_run(app, servers, [100_000, 1_000_000], args.connections)
             finally:

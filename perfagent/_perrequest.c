@@ -2704,6 +2704,9 @@ RunSync_vectorcall(RunSync *self, PyObject *const *args, size_t nargsf, PyObject
         return PyObject_Vectorcall(self->original, args, nargsf, kwnames);
     }
     Started *started = (Started *)recycled_new(&spare_starts, &StartedType);
+    if (started != NULL) { /* what its dealloc clears, should the clock fail */
+        started->record = started->func = NULL;
+    }
     PyObject *now = started == NULL ? NULL : clock_now();
     if (now == NULL) {
         Py_XDECREF(started);
