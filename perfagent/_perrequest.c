@@ -101,10 +101,10 @@ static PyObject *str_space;
  * load that is how far the live objects of the requests in flight rise above
  * their low point. Every collector-visible object a request holds from its start
  * to its end adds to that rise (measured on the benchmark's 11-query route under
- * uvicorn, 16 connections: young collections 74 per 1,000 requests bare, 85 with
- * the agent; a full collection follows every ~11 young ones of the middle
- * generation, and took 40-50 ms there). Off with free threading: the list
- * relies on the GIL. */
+ * uvicorn, 16 connections: young collections 78-81 per 1,000 requests bare, 91-94
+ * with the agent holding six such objects a request, 81-89 holding one; a full
+ * collection follows every ~11th of the middle generation, and took 30-45 ms
+ * there). Off with free threading: the list relies on the GIL. */
 #define RECYCLE_MAX 32
 typedef struct {
     PyObject *spare[RECYCLE_MAX];
@@ -891,7 +891,6 @@ typedef struct {
     Bounds duration, count, wait;
 } Finisher;
 
-/* ``_observe``: one value into ``table[key]`` = [count per bucket ..., +Inf count, sum]. */
 /* The histogram entries last found, by table and label values, each compared by
  * identity (a miss looks the entry up by equality, as before): the route is its
  * template's one str, the method the one str of each known method (new_record), a
@@ -934,6 +933,8 @@ cached_entry(PyObject *table, PyObject *a, PyObject *b, PyObject *c, Py_ssize_t 
     return entry;
 }
 
+/* ``_observe``: one value into ``table[(a, b, c)]`` (``(a,)`` where b is NULL) =
+ * [count per bucket ..., +Inf count, sum]. */
 static int
 observe(PyObject *table, const Bounds *bounds, PyObject *a, PyObject *b, PyObject *c,
         double value)
@@ -2425,7 +2426,9 @@ new_record(AsgiBegin *self, PyObject *scope)
     /* normalize_method, to the one str of each known method: the metric steps find
      * their entries by the identity of the label values (cached_entry). */
     PyObject *known = PyDict_GetItemWithError(self->known_methods, method);
-    Py_SETREF(method, known != NULL ? Py_NewRef(known) : PyErr_Occurred() ? NULL : Py_NewRef(str_other));
+    Py_SETREF(method, known != NULL        ? Py_NewRef(known)
+                      : PyErr_Occurred() ? NULL
+                                         : Py_NewRef(str_other));
     if (method == NULL) {
         return NULL;
     }

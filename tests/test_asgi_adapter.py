@@ -163,6 +163,20 @@ def _adapters(app):
         stack = getattr(stack, "app", None)
 
 
+def _finished_records(agent) -> list:
+    """The records that reach the agent's pipeline, in order; the pipeline unchanged."""
+    finished = []
+    finish = agent.finish
+    agent.finish = lambda record: (finished.append(record), finish(record))
+    return finished
+
+
+async def _get(app, path: str) -> httpx.Response:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        return await client.get(path)
+
+
 @pytest.mark.parametrize("compiled", [True, False])
 def test_a_request_that_waits_for_a_pool_thread_has_its_wait_recorded(compiled):
     """``def`` views run on anyio's pool: with one thread, the third of three requests
@@ -179,9 +193,7 @@ def test_a_request_that_waits_for_a_pool_thread_has_its_wait_recorded(compiled):
     perfagent.init(app, metrics_port=0, compiled_hooks=compiled)
     agent = perfagent._state["agent"]
     assert type(anyio.to_thread.run_sync).__name__ == ("RunSync" if compiled else "function")
-    finished = []
-    finish = agent.finish
-    agent.finish = lambda record: (finished.append(record), finish(record))
+    finished = _finished_records(agent)
 
     async def main():
         anyio.to_thread.current_default_thread_limiter().total_tokens = 1
@@ -268,9 +280,7 @@ def test_the_apps_random_numbers_stay_its_own(compiled):
 
     perfagent.init(app, metrics_port=0, compiled_hooks=compiled)
     agent = perfagent._state["agent"]
-    finished = []
-    finish = agent.finish
-    agent.finish = lambda record: (finished.append(record), finish(record))
+    finished = _finished_records(agent)
 
     async def main():
         transport = httpx.ASGITransport(app=app)
@@ -299,16 +309,9 @@ def test_the_span_id_is_drawn_only_when_something_asks_for_it(compiled):
 
     perfagent.init(app, metrics_port=0, compiled_hooks=compiled, trace_sample=0.0)
     agent = perfagent._state["agent"]
-    finished = []
-    finish = agent.finish
-    agent.finish = lambda record: (finished.append(record), finish(record))
+    finished = _finished_records(agent)
 
-    async def main():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            await client.get("/x")
-
-    asyncio.run(main())
+    asyncio.run(_get(app, "/x"))
     (record,) = finished
     assert record.sampled is False and not record.keep
     assert record._trace_id != 0 and record._span_id == 0
