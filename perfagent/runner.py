@@ -16,11 +16,13 @@ the child's fatal signal if it died of one.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
+import socket
 import sys
 import tempfile
-import urllib.request
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -58,12 +60,60 @@ def child_environment(settings: Settings, multiprocess_dir: str) -> dict[str, st
     return env
 
 
-def console_answers(url: str, timeout: float = 0.5) -> bool:
+def probe_console(url: str, timeout: float = 0.5) -> str | None:
+    """What answers at the console URL: ``None`` for a console (``/api/health`` says 200),
+    ``""`` when nothing listens there, else a few words on what does answer.
+
+    Whatever listens there (garbage bytes, a reset, TLS, a server that hangs or
+    trickles, a 500), this returns within about ``timeout`` and never raises: it
+    reads the status line only, at most 4 KB, against one deadline for all reads.
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    https = parts.scheme == "https"
+    port = parts.port or (443 if https else 80)
+    deadline = time.monotonic() + timeout
     try:
-        with urllib.request.urlopen(url + "/api/health", timeout=timeout) as response:
-            return response.status == 200
+        sock = socket.create_connection((host, port), timeout=timeout)
     except (OSError, ValueError):
-        return False
+        return ""
+    token = os.environ.get("PERFAGENT_CONSOLE_TOKEN")
+    name = f"[{host}]" if ":" in host else host
+    ask = f"GET /api/health HTTP/1.0\r\nHost: {name}:{port}\r\nConnection: close\r\n"
+    ask += f"Authorization: Bearer {token}\r\n\r\n" if token else "\r\n"
+    answer = b""
+    try:
+        with sock:
+            if https:
+                import ssl  # only for an https console URL
+
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+            sock.sendall(ask.encode("latin-1", "replace"))
+            while b"\n" not in answer and len(answer) < 4096:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                sock.settimeout(left)
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+    except TimeoutError:
+        return f"no answer within {timeout:g} s"
+    except OSError as exc:  # a reset, a refused or failed TLS handshake, ...
+        return f"the connection failed: {getattr(exc, 'reason', None) or exc.strerror or exc}"
+    if not answer:
+        return "it closed the connection without answering"
+    status = re.match(rb"HTTP/1\.[01] (\d{3})[ \r\n]", answer)
+    if status is None:
+        return "it does not answer in HTTP"
+    if status.group(1) != b"200":
+        return f"/api/health answers HTTP {status.group(1).decode()}"
+    return None
+
+
+def console_answers(url: str, timeout: float = 0.5) -> bool:
+    return probe_console(url, timeout) is None
 
 
 def _start_console(url: str, log_path: str) -> int | None:
@@ -100,8 +150,6 @@ def _start_console(url: str, log_path: str) -> int | None:
 
 
 def _stop(pid: int, timeout: float = 5.0) -> None:
-    import time
-
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -153,8 +201,10 @@ def run(command: list[str], settings: Settings, *, console: bool = True) -> int:
                 where.append(f"metrics NOT served (port {settings.metrics_port}: {exc.strerror})")
         if not console:
             where.append("console off")
-        elif console_answers(settings.console_url):
+        elif (found := probe_console(settings.console_url)) is None:
             where.append(f"console at {settings.console_url}")
+        elif found:  # the port is taken: starting a console there would fail
+            where.append(f"console NOT started: {settings.console_url} is not one ({found})")
         else:
             log_path = os.path.join(tempfile.gettempdir(), "perfagent-console.log")
             console_pid = _start_console(settings.console_url, log_path)
