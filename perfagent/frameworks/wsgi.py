@@ -102,7 +102,13 @@ class FlaskInstrumentation:
             otel = None
         profile_token = agent.settings.profile_token
         if profile_token and "HTTP_X_PERFAGENT_PROFILE" in environ:
-            record.profile = hmac.compare_digest(environ["HTTP_X_PERFAGENT_PROFILE"], profile_token)
+            # Bytes against bytes, as under ASGI: WSGI hands the header over as latin-1
+            # text, and compare_digest raises on non-ASCII text.
+            try:
+                given = environ["HTTP_X_PERFAGENT_PROFILE"].encode("latin-1")
+                record.profile = hmac.compare_digest(given, profile_token.encode())
+            except (AttributeError, UnicodeError):  # not a PEP 3333 string: no profile
+                record.profile = False
         token = current.set(record)
         agent.inflight[record] = (get_ident(), None)  # for the slow-request sampler
         if not agent.thread.running:
