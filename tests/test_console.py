@@ -278,6 +278,7 @@ def test_retention_keeps_the_file_within_its_limit(tmp_path):
     assert (tmp_path / "r.db").stat().st_size <= 2.5e6
     newest = store.query("SELECT count(*) FROM spans WHERE trace_id LIKE '0000001d%'")[0][0]
     assert newest == 500, "the newest spans are the ones kept"
+    store.close()
 
 
 def test_console_api_answers_a_fuzzer_without_server_errors(servers, tmp_path):

@@ -40,5 +40,8 @@ def serve(
     store = Store(path, Retention(max_age_s=retention_hours * 3600.0, max_mb=max_mb))
     config = ConsoleConfig(token=token, max_body_bytes=int(max_body_mb * 1024 * 1024))
     sys.stderr.write(f"perfagent: console on http://{host}:{port}, data in {path}\n")
-    uvicorn.run(create_app(store, config), host=host, port=port, log_level="warning")
+    try:
+        uvicorn.run(create_app(store, config), host=host, port=port, log_level="warning")
+    finally:
+        store.close()
     return 0

@@ -201,6 +201,11 @@ class Store:
         self._writer = self._connect(new_file_pragma="PRAGMA auto_vacuum=INCREMENTAL")
         self._writer.executescript(_SCHEMA)
         self._local = threading.local()
+        # Every thread's reader, so close() can close them all: a reader left to the
+        # collector is a ResourceWarning (an error under -W error on 3.13).
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._closed = False
 
     def _connect(self, new_file_pragma: str = "") -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -215,8 +220,12 @@ class Store:
     def _reader(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = self._local.conn = self._connect()
-            conn.row_factory = sqlite3.Row
+            with self._readers_lock:
+                if self._closed:
+                    raise sqlite3.ProgrammingError("the store is closed")
+                conn = self._local.conn = self._connect()
+                conn.row_factory = sqlite3.Row
+                self._readers.append(conn)
         return conn
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
@@ -434,4 +443,16 @@ class Store:
         return removed
 
     def close(self) -> None:
-        self._writer.close()
+        """Closes the writer and every thread's reader; the store cannot be used after."""
+        with self._lock, self._readers_lock:
+            self._closed = True
+            readers, self._readers = self._readers, []
+            for conn in readers:
+                conn.close()
+            self._writer.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
