@@ -77,6 +77,17 @@ def _parser() -> argparse.ArgumentParser:
     console.add_argument(
         "--max-body-mb", type=float, default=8.0, help="largest OTLP payload taken (default 8)"
     )
+    console.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name the console answers to besides localhost, 127.0.0.1 and [::1] "
+        "(repeatable; also PERFAGENT_CONSOLE_ALLOWED_HOSTS, comma-separated)",
+    )
+    console.add_argument(
+        "--docs", action="store_true", help="serve the API docs at /docs, /redoc, /openapi.json"
+    )
 
     dashboards = commands.add_parser(
         "dashboards",
@@ -122,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             retention_hours=args.retention_hours,
             max_mb=args.max_mb,
             max_body_mb=args.max_body_mb,
+            allowed_hosts=args.allowed_host,
+            docs=args.docs,
         )
     if args.command == "dashboards":
         from perfagent.dashboards_cmd import main as dashboards_main

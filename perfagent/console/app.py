@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from perfagent._version import __version__
 from perfagent.console import ingest, pages, queries
+from perfagent.console.hosts import HostCheck
 from perfagent.console.store import Store
 
 RETENTION_EVERY_S = 30.0
@@ -44,6 +45,10 @@ class ProfileAsk(BaseModel):
 class ConsoleConfig:
     token: str | None = None
     max_body_bytes: int = 8 * 1024 * 1024
+    #: Host names answered (any port); None answers any (a token guards the console).
+    allowed_hosts: frozenset[str] | None = None
+    #: Serve /docs, /redoc and /openapi.json (off unless asked: they map the API out).
+    docs: bool = False
 
 
 class LiveHub:
@@ -104,7 +109,14 @@ def create_app(store: Store, config: ConsoleConfig | None = None) -> FastAPI:
         finally:
             task.cancel()
 
-    app = FastAPI(title="perfagent console", version=__version__, lifespan=lifespan)
+    app = FastAPI(
+        title="perfagent console",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url="/docs" if config.docs else None,
+        redoc_url="/redoc" if config.docs else None,
+        openapi_url="/openapi.json" if config.docs else None,
+    )
     app.state.store = store
 
     if config.token:
@@ -120,6 +132,9 @@ def create_app(store: Store, config: ConsoleConfig | None = None) -> FastAPI:
             if request.query_params.get("token"):
                 response.set_cookie("token", given, httponly=True, samesite="strict")
             return response
+
+    if config.allowed_hosts is not None:  # added last: runs first, before the token
+        app.add_middleware(HostCheck, allowed=config.allowed_hosts)
 
     async def receive(signal: str, request: Request) -> Response:
         try:
