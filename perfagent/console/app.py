@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from perfagent._version import __version__
-from perfagent.console import ingest, pages, queries
+from perfagent.console import ingest, otlp_schema, pages, queries
 from perfagent.console.hosts import HostCheck
 from perfagent.console.store import Store
 
@@ -165,15 +165,15 @@ def create_app(store: Store, config: ConsoleConfig | None = None) -> FastAPI:
             return JSONResponse({})
         return Response(b"", media_type="application/x-protobuf")
 
-    @app.post("/v1/traces", include_in_schema=False)
+    @app.post("/v1/traces", openapi_extra=otlp_schema.request_body(otlp_schema.TRACES))
     async def otlp_traces(request: Request) -> Response:
         return await receive("traces", request)
 
-    @app.post("/v1/metrics", include_in_schema=False)
+    @app.post("/v1/metrics", openapi_extra=otlp_schema.request_body(otlp_schema.METRICS))
     async def otlp_metrics(request: Request) -> Response:
         return await receive("metrics", request)
 
-    @app.post("/v1/logs", include_in_schema=False)
+    @app.post("/v1/logs", openapi_extra=otlp_schema.request_body(otlp_schema.LOGS))
     async def otlp_logs(request: Request) -> Response:
         return await receive("logs", request)
 
@@ -262,7 +262,7 @@ def create_app(store: Store, config: ConsoleConfig | None = None) -> FastAPI:
         done = await run_in_threadpool(store.finish_profile, request_id, stacks, error)
         return Response(status_code=204 if done else 404)
 
-    @app.get("/profiles/{request_id}", response_class=HTMLResponse, include_in_schema=False)
+    @app.get("/profiles/{request_id}", response_class=HTMLResponse)
     def profile_page(request_id: Annotated[int, Path(ge=1, le=MAX_SQL_INT)]) -> str:
         found = queries.profile_request(store, request_id)
         if found is None:
@@ -277,17 +277,17 @@ def create_app(store: Store, config: ConsoleConfig | None = None) -> FastAPI:
 
     html = HTMLResponse
 
-    @app.get("/", response_class=html, include_in_schema=False)
+    @app.get("/", response_class=html)
     def overview_page(window_: str = Query("1h", alias="window")) -> str:
         return pages.overview(queries.overview(store, window(window_) or 3600.0), window_)
 
-    @app.get("/routes", response_class=html, include_in_schema=False)
+    @app.get("/routes", response_class=html)
     def routes_page(
         service: str | None = None, window_: str | None = Query(None, alias="window")
     ) -> str:
         return pages.routes(queries.routes(store, service or None, window(window_)), window_)
 
-    @app.get("/route", response_class=html, include_in_schema=False)
+    @app.get("/route", response_class=html)
     def route_page(service: str, route: str, method: str) -> str:
         rows = [
             r
@@ -301,25 +301,25 @@ def create_app(store: Store, config: ConsoleConfig | None = None) -> FastAPI:
         stacks = queries.flame(store, service, route, method)
         return pages.route(service, route, method, stats, series, slowest, found, stacks)
 
-    @app.get("/requests", response_class=html, include_in_schema=False)
+    @app.get("/requests", response_class=html)
     def requests_page(
         filters: Annotated[RequestFilter, Depends()], page: int = Query(1, ge=1, le=1_000_000)
     ) -> str:
         rows = queries.requests(store, **asdict(filters), limit=50, offset=(page - 1) * 50)
         return pages.requests(rows, asdict(filters), page)
 
-    @app.get("/traces/{trace_id}", response_class=html, include_in_schema=False)
+    @app.get("/traces/{trace_id}", response_class=html)
     def trace_page(trace_id: str) -> str:
         found = queries.trace(store, trace_id.lower())
         if found is None:
             raise HTTPException(404, "no such trace")
         return pages.trace(found)
 
-    @app.get("/profiles", response_class=html, include_in_schema=False)
+    @app.get("/profiles", response_class=html)
     def profiles_page() -> str:
         return pages.profiles(queries.profiled(store), queries.profile_requests(store))
 
-    @app.get("/findings", response_class=html, include_in_schema=False)
+    @app.get("/findings", response_class=html)
     def findings_page(kind: str | None = None) -> str:
         return pages.findings(queries.findings(store, kind or None), kind)
 

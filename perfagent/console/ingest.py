@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import gzip
+import itertools
 import json
+import math
 import zlib
 from typing import Any
 
@@ -34,6 +36,24 @@ FINDING_KINDS = frozenset(
 )
 MAX_STRING = 8192
 MAX_ATTRIBUTES = 256
+#: SQLite integers are signed 64-bit: a larger one is refused here, not a 500 at insert.
+MAX_SQL_INT = 2**63 - 1
+#: Requests in one histogram point; far below MAX_SQL_INT so sums over points still fit.
+MAX_COUNT = 2**40
+MAX_BUCKETS = 512
+#: Finding fields shown as numbers: anything else there is refused.
+NUMERIC_FIELDS = (
+    "duration_ms",
+    "threshold_ms",
+    "total_ms",
+    "saved_ms",
+    "count",
+    "p95_ms",
+    "usual_p95_ms",
+    "samples",
+    "repeats",
+)
+TEXT_FIELDS = ("route", "method", "callsite", "fingerprint")
 
 
 class BadPayload(ValueError):
@@ -88,9 +108,16 @@ def decode(body: bytes, content_type: str, encoding: str, limit: int, message: t
         if kind == "application/x-protobuf":
             return message.FromString(body)
         if kind == "application/json":
-            data = _hex_ids_to_base64(json.loads(body))
+            data = json.loads(body)
+            if not isinstance(data, dict):
+                raise BadPayload(f"a {message.__name__} is a JSON object")
+            data = _hex_ids_to_base64(data)
             return json_format.ParseDict(data, message(), ignore_unknown_fields=True)
-    except (DecodeError, json.JSONDecodeError, json_format.ParseError, UnicodeDecodeError) as exc:
+    except BadPayload:
+        raise
+    except (DecodeError, json_format.ParseError, ValueError, TypeError, AttributeError) as exc:
+        # ValueError covers bad JSON and bad UTF-8; the others, shapes protobuf's parser
+        # does not expect (null where an object goes, say).
         raise BadPayload(f"cannot decode {message.__name__}: {exc}") from None
     except RecursionError:
         raise BadPayload("payload nested too deeply") from None
@@ -108,6 +135,8 @@ def _plain(value: Message) -> Any:
     if kind == "bytes_value":
         return value.bytes_value.hex()
     out = getattr(value, kind)
+    if kind == "double_value" and not math.isfinite(out):
+        return str(out)  # JSON has no NaN or Infinity: kept as text, never as a number
     if isinstance(out, str) and len(out) > MAX_STRING:
         out = out[:MAX_STRING] + "…"
     return out
@@ -129,6 +158,41 @@ def _id(raw: bytes, size: int, what: str, allow_empty: bool = False) -> str:
     return raw.hex()
 
 
+def _time(value: int, what: str) -> int:
+    if value > MAX_SQL_INT:
+        raise BadPayload(f"{what} is past 2**63 - 1")
+    return int(value)
+
+
+def _status(value: Any) -> int | None:
+    """An HTTP status code, or None (a bool, a string or 12345 is not one)."""
+    return value if type(value) is int and 100 <= value <= 999 else None
+
+
+def _stacks(value: Any, what: str) -> dict[str, int]:
+    """Sampled stacks: JSON text of ``{"a;b;c": samples}``; anything else is refused."""
+    try:
+        stacks = json.loads(value) if isinstance(value, str) else value
+    except (ValueError, RecursionError):
+        raise BadPayload(f"{what} stacks are not JSON") from None
+    if not isinstance(stacks, dict) or not all(
+        isinstance(k, str) and type(n) is int and 0 < n <= MAX_COUNT for k, n in stacks.items()
+    ):
+        raise BadPayload(f"{what} stacks must map stack text to a positive sample count")
+    return stacks
+
+
+def _event(event: Any) -> dict[str, Any]:
+    attributes = _attributes(event.attributes)
+    if "stacks" in attributes:
+        _stacks(attributes["stacks"], "a span event's")
+    return {
+        "name": event.name[:256],
+        "time_ns": _time(event.time_unix_nano, "an event's time"),
+        "attributes": attributes,
+    }
+
+
 def spans(request: ExportTraceServiceRequest) -> list[SpanRow]:
     rows = []
     for resource_spans in request.resource_spans:
@@ -147,21 +211,14 @@ def spans(request: ExportTraceServiceRequest) -> list[SpanRow]:
                         service=service,
                         name=span.name[:512],
                         kind=int(span.kind),
-                        start_ns=int(span.start_time_unix_nano),
-                        end_ns=int(span.end_time_unix_nano),
+                        start_ns=_time(span.start_time_unix_nano, "a span's start"),
+                        end_ns=_time(span.end_time_unix_nano, "a span's end"),
                         route=str(attrs.get("http.route") or ""),
                         method=str(attrs.get("http.request.method") or ""),
-                        status=status if isinstance(status, int) else None,
+                        status=_status(status),
                         error=str(attrs["error.type"]) if "error.type" in attrs else None,
                         attributes=attrs,
-                        events=[
-                            {
-                                "name": e.name[:256],
-                                "time_ns": int(e.time_unix_nano),
-                                "attributes": _attributes(e.attributes),
-                            }
-                            for e in list(span.events)[:MAX_ATTRIBUTES]
-                        ],
+                        events=[_event(e) for e in list(span.events)[:MAX_ATTRIBUTES]],
                     )
                 )
     _count_db_queries(rows)
@@ -191,13 +248,38 @@ def findings(request: ExportLogsServiceRequest) -> list[FindingRow]:
                 trace_id = _id(log.trace_id, 16, "trace_id", True)
                 fields = _attributes(log.attributes)
                 fields.setdefault("trace_id", trace_id or None)
-                if isinstance(fields.get("stacks"), str):  # sampled stacks travel as JSON text
-                    try:
-                        fields["stacks"] = json.loads(fields["stacks"])
-                    except ValueError:
-                        raise BadPayload("stacks is not JSON") from None
+                _check_finding(fields)
+                if "stacks" in fields:  # sampled stacks travel as JSON text
+                    fields["stacks"] = _stacks(fields["stacks"], "a finding's")
                 rows.append(FindingRow(kind, service, when / 1e9, trace_id, fields))
     return rows
+
+
+def _check_finding(fields: dict[str, Any]) -> None:
+    """The fields pages show as numbers are numbers, those stored in columns are text."""
+    for name in NUMERIC_FIELDS:
+        value = fields.get(name)
+        if value is not None and (type(value) not in (int, float) or abs(value) > 1e15):
+            raise BadPayload(f"a finding's {name} must be a number")
+    for name in TEXT_FIELDS:
+        if not isinstance(fields.get(name), (str, type(None))):
+            raise BadPayload(f"a finding's {name} must be text")
+
+
+def _check_point(point: Any) -> None:
+    bounds, counts = point.explicit_bounds, point.bucket_counts
+    if len(bounds) > MAX_BUCKETS:
+        raise BadPayload(f"a histogram has more than {MAX_BUCKETS} buckets")
+    if not all(math.isfinite(b) for b in bounds) or not math.isfinite(point.sum):
+        raise BadPayload("histogram bounds and sum must be finite")
+    if any(a >= b for a, b in itertools.pairwise(bounds)):
+        raise BadPayload("histogram bounds are not increasing")
+    if point.count > MAX_COUNT or abs(point.sum) > 1e15:
+        raise BadPayload("a histogram's count or sum is out of range")
+    if len(counts) != len(bounds) + 1 or sum(counts) != point.count:
+        raise BadPayload("histogram buckets do not add up to its count")
+    _time(point.start_time_unix_nano, "a point's start")
+    _time(point.time_unix_nano, "a point's time")
 
 
 def histograms(request: ExportMetricsServiceRequest) -> list[HistogramPoint]:
@@ -215,11 +297,8 @@ def histograms(request: ExportMetricsServiceRequest) -> list[HistogramPoint]:
                 if metric.WhichOneof("data") != "histogram":
                     continue
                 for point in metric.histogram.data_points:
+                    _check_point(point)
                     bounds, counts = list(point.explicit_bounds), list(point.bucket_counts)
-                    if len(counts) != len(bounds) + 1 or sum(counts) != point.count:
-                        raise BadPayload("histogram buckets do not add up to its count")
-                    if bounds != sorted(bounds):
-                        raise BadPayload("histogram bounds are not increasing")
                     attrs = _attributes(point.attributes)
                     status = attrs.get("http.response.status_code")
                     rows.append(
@@ -230,7 +309,7 @@ def histograms(request: ExportMetricsServiceRequest) -> list[HistogramPoint]:
                             time_ns=int(point.time_unix_nano),
                             method=str(attrs.get("http.request.method") or ""),
                             route=str(attrs.get("http.route") or ""),
-                            status=status if isinstance(status, int) else None,
+                            status=_status(status),
                             count=int(point.count),
                             sum=float(point.sum),
                             bounds=bounds,

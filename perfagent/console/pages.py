@@ -12,7 +12,7 @@ from html import escape
 from typing import Any
 from urllib.parse import urlencode
 
-from perfagent.console import flamegraph
+from perfagent.console import flamegraph, stored
 
 _CSS = """
 :root { --fg:#1d2330; --muted:#667085; --line:#e4e7ec; --bg:#f7f8fa; --accent:#3658d8;
@@ -105,17 +105,23 @@ def h(value: Any) -> str:
 
 
 def _ms(value: Any) -> str:
+    value = stored.number(value)
     return "-" if value is None else f"{value:,.1f}"
 
 
 def _pct(value: float | None) -> str:
+    value = stored.number(value)
     return "-" if value is None else f"{value * 100:.1f}%"
 
 
-def _when(seconds: float | None) -> str:
+def _when(seconds: Any, pattern: str = "%Y-%m-%d %H:%M:%S") -> str:
+    seconds = stored.number(seconds)
     if not seconds:
         return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+    try:
+        return time.strftime(pattern, time.localtime(seconds))
+    except (OverflowError, OSError, ValueError):  # a time no calendar reaches
+        return "-"
 
 
 def _link(path: str, **params: Any) -> str:
@@ -166,10 +172,7 @@ def _chart(series: list[dict[str, Any]], key: str, label: str, width: int = 560)
 
     line = " ".join(f"{x(m):.1f},{y(v):.1f}" for m, v in points)
     area = f"{x(first):.1f},{y(0):.1f} {line} {x(last):.1f},{y(0):.1f}"
-    clock = (
-        time.strftime("%H:%M", time.localtime(first * 60)),
-        time.strftime("%H:%M", time.localtime(last * 60)),
-    )
+    clock = (_when(first * 60, "%H:%M"), _when(last * 60, "%H:%M"))
     return (
         f'<svg width="{width}" height="{height}" role="img" aria-label="{h(label)}">'
         f'<text x="{left}" y="10">{h(label)}</text>'
@@ -349,6 +352,7 @@ def trace(found: dict[str, Any]) -> str:
             f'<i title="{h(e["name"])}" '
             f'style="left:{(e["time_ns"] - start) / total * 100:.2f}%"></i>'
             for e in s["events"]
+            if e["time_ns"] is not None
         )
         indent = depth.get(s["span_id"], 0) * 14
         rows.append(
@@ -433,13 +437,11 @@ def profile(found: dict[str, Any]) -> str:
 
 def _event(event: dict[str, Any]) -> str:
     attributes = dict(event["attributes"])
-    stacks = attributes.pop("stacks", None)
-    out = f"<h3 class=warn>{h(event['name'])}</h3><pre>{h(json.dumps(attributes, indent=2))}</pre>"
-    if isinstance(stacks, str):
-        try:
-            out += flamegraph.svg(json.loads(stacks), label="samples of this request")
-        except ValueError:
-            pass
+    stacks = stored.stacks(attributes.pop("stacks", None))
+    shown = json.dumps(attributes, indent=2, default=str)
+    out = f"<h3 class=warn>{h(event['name'])}</h3><pre>{h(shown)}</pre>"
+    if stacks:
+        out += flamegraph.svg(stacks, label="samples of this request")
     return out
 
 

@@ -7,12 +7,12 @@ merged across instances, and are interpolated the way PromQL's
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections import defaultdict
 from typing import Any
 
+from perfagent.console import stored
 from perfagent.console.store import Store
 from perfagent.histogram import quantile
 
@@ -70,13 +70,15 @@ def routes(store: Store, service: str | None = None, window_s: float | None = No
         lambda: {"count": 0, "sum": 0.0, "errors": 0, "bounds": [], "counts": []}
     )
     for row in _series(store, service, window_s):
-        group = groups[(row["service"], row["route"], row["method"])]
+        found = _histogram(row)
+        if found is None:
+            continue  # not a histogram (a hand-written or damaged row): left out
+        key = (stored.text(row["service"]), stored.text(row["route"]), stored.text(row["method"]))
+        group = groups[key]
         before = group["count"]
-        _merge(
-            group, row["count"], row["sum"], json.loads(row["bounds"]), json.loads(row["counts"])
-        )
-        if (row["status"] or 0) >= 500 and group["count"] > before:
-            group["errors"] += row["count"]
+        _merge(group, *found)
+        if stored.integer(row["status"], 0) >= 500 and group["count"] > before:
+            group["errors"] += found[0]
     queries = _queries_per_request(store, service)
     out = []
     for (svc, route, method), g in groups.items():
@@ -109,6 +111,10 @@ def routes(store: Store, service: str | None = None, window_s: float | None = No
     return out
 
 
+def _histogram(row: Any) -> tuple | None:
+    return stored.histogram(row["count"], row["sum"], row["bounds"], row["counts"])
+
+
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000.0, 3)
 
@@ -118,14 +124,16 @@ def _queries_per_request(store: Store, service: str | None) -> dict[tuple, float
     sql = "SELECT service, route, method, queries * 1.0 / requests FROM route_queries"
     sql += " WHERE queries > 0" + (" AND service = ?" if service else "")
     rows = store.query(sql, [service] if service else [])
-    return {(r[0], r[1], r[2]): r[3] for r in rows}
+    return {
+        (stored.text(r[0]), stored.text(r[1]), stored.text(r[2])): stored.number(r[3]) for r in rows
+    }
 
 
 def services(store: Store) -> list[str]:
     rows = store.query(
         "SELECT service FROM histograms UNION SELECT DISTINCT service FROM spans ORDER BY 1"
     )
-    return [r[0] for r in rows]
+    return [stored.text(r[0]) for r in rows]
 
 
 def overview(store: Store, window_s: float) -> list[dict[str, Any]]:
@@ -138,25 +146,27 @@ def overview(store: Store, window_s: float) -> list[dict[str, Any]]:
     )
     per_service: dict[str, dict[str, Any]] = {}
     for row in rows:
+        found, minute_key = _histogram(row), stored.integer(row["minute"])
+        if found is None or minute_key is None:
+            continue
         svc = per_service.setdefault(
-            row["service"],
+            stored.text(row["service"]),
             {
                 "total": {"count": 0, "sum": 0.0, "bounds": [], "counts": []},
                 "errors": 0,
                 "minutes": {},
             },
         )
-        bounds, counts = json.loads(row["bounds"]), json.loads(row["counts"])
-        _merge(svc["total"], row["count"], row["sum"], bounds, counts)
+        _merge(svc["total"], *found)
         minute = svc["minutes"].setdefault(
-            row["minute"], {"count": 0, "sum": 0.0, "bounds": [], "counts": [], "errors": 0}
+            minute_key, {"count": 0, "sum": 0.0, "bounds": [], "counts": [], "errors": 0}
         )
-        _merge(minute, row["count"], row["sum"], bounds, counts)
-        if (row["status"] or 0) >= 500:
-            svc["errors"] += row["count"]
-            minute["errors"] += row["count"]
+        _merge(minute, *found)
+        if stored.integer(row["status"], 0) >= 500:
+            svc["errors"] += found[0]
+            minute["errors"] += found[0]
     open_findings = {
-        r[0]: r[1]
+        stored.text(r[0]): r[1]
         for r in store.query(
             "SELECT service, count(*) FROM findings WHERE last_seen >= ? GROUP BY service",
             [time.time() - window_s],
@@ -204,12 +214,15 @@ def route_series(
     )
     minutes: dict[int, dict[str, Any]] = {}
     for row in rows:
+        found, minute_key = _histogram(row), stored.integer(row["minute"])
+        if found is None or minute_key is None:
+            continue
         m = minutes.setdefault(
-            row["minute"], {"count": 0, "sum": 0.0, "bounds": [], "counts": [], "errors": 0}
+            minute_key, {"count": 0, "sum": 0.0, "bounds": [], "counts": [], "errors": 0}
         )
-        _merge(m, row["count"], row["sum"], json.loads(row["bounds"]), json.loads(row["counts"]))
-        if row["status"] >= 500:
-            m["errors"] += row["count"]
+        _merge(m, *found)
+        if stored.integer(row["status"], 0) >= 500:
+            m["errors"] += found[0]
     return [
         {
             "minute": minute,
@@ -228,7 +241,13 @@ def flame(store: Store, service: str, route: str, method: str) -> dict[str, int]
         "SELECT stack, count FROM route_stacks WHERE service = ? AND route = ? AND method = ?",
         [service, route, method],
     )
-    return {r[0]: r[1] for r in rows}
+    out: dict[str, int] = {}
+    for r in rows:
+        count = stored.integer(r[1], 0)
+        if count > 0:
+            stack = stored.text(r[0])
+            out[stack] = out.get(stack, 0) + count
+    return out
 
 
 _FINDING_COLUMNS = "kind, service, first_seen, last_seen, occurrences, example_trace_id, data"
@@ -248,14 +267,14 @@ def findings(store: Store, kind: str | None = None, route: str | None = None) ->
     sql += " ORDER BY last_seen DESC LIMIT 500"
     out = []
     for row in store.query(sql, params):
-        item = json.loads(row["data"])
+        item = stored.json_object(row["data"])
         item.update(
-            kind=row["kind"],
-            service=row["service"],
-            first_seen=row["first_seen"],
-            last_seen=row["last_seen"],
-            occurrences=row["occurrences"],
-            example_trace_id=row["example_trace_id"],
+            kind=stored.text(row["kind"]),
+            service=stored.text(row["service"]),
+            first_seen=stored.number(row["first_seen"]),
+            last_seen=stored.number(row["last_seen"]),
+            occurrences=stored.integer(row["occurrences"], 0),
+            example_trace_id=stored.text_or_none(row["example_trace_id"]),
         )
         out.append(item)
     return out
@@ -268,11 +287,24 @@ _SPAN_COLUMNS = (
 
 
 def _span(row: Any) -> dict[str, Any]:
-    # sqlite3.Row iterates over values; its keys() are the column names.
-    span = {k: row[k] for k in row.keys() if k not in ("attributes", "events")}  # noqa: SIM118
-    span["attributes"] = json.loads(row["attributes"])
-    span["events"] = json.loads(row["events"])
-    return span
+    start = stored.integer(row["start_ns"], 0)
+    return {
+        "trace_id": stored.text(row["trace_id"]),
+        "span_id": stored.text(row["span_id"]),
+        "parent_span_id": stored.text(row["parent_span_id"]),
+        "service": stored.text(row["service"]),
+        "name": stored.text(row["name"]),
+        "kind": stored.integer(row["kind"], 0),
+        "start_ns": start,
+        "end_ns": stored.integer(row["end_ns"], start),
+        "duration_ms": stored.number(row["duration_ms"]) or 0.0,
+        "route": stored.text(row["route"]),
+        "method": stored.text(row["method"]),
+        "status": stored.integer(row["status"]),
+        "error": stored.text_or_none(row["error"]),
+        "attributes": stored.json_object(row["attributes"]),
+        "events": stored.events(row["events"]),
+    }
 
 
 def trace(store: Store, trace_id: str) -> dict[str, Any] | None:
@@ -300,16 +332,30 @@ def profile_requests(store: Store, limit: int = 50) -> list[dict[str, Any]]:
         "FROM profile_requests ORDER BY id DESC LIMIT ?",
         [limit],
     )
-    return [{k: r[k] for k in r.keys()} for r in rows]  # noqa: SIM118 - sqlite3.Row
+    return [_asked(r) for r in rows]
+
+
+def _asked(row: Any) -> dict[str, Any]:
+    """One profile asked for from the console, its columns as the pages expect them."""
+    return {
+        "id": stored.integer(row["id"], 0),
+        "created": stored.number(row["created"]),
+        "seconds": stored.integer(row["seconds"]),
+        "service": stored.text_or_none(row["service"]),
+        "status": stored.text(row["status"]),
+        "runner": stored.text_or_none(row["runner"]),
+        "finished": stored.number(row["finished"]),
+        "error": stored.text_or_none(row["error"]),
+    }
 
 
 def profile_request(store: Store, request_id: int) -> dict[str, Any] | None:
     rows = store.query("SELECT * FROM profile_requests WHERE id = ?", [request_id])
     if not rows:
         return None
-    found = {k: rows[0][k] for k in rows[0].keys()}  # noqa: SIM118 - sqlite3.Row
+    found = _asked(rows[0])
     stacks: dict[str, int] = {}
-    for line in (found.pop("stacks") or "").splitlines():
+    for line in stored.text(rows[0]["stacks"]).splitlines():
         stack, _, count = line.rpartition(" ")
         if stack and count.isdigit():
             stacks[stack] = stacks.get(stack, 0) + int(count)

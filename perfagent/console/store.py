@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from perfagent.console import stored
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS spans (
     trace_id TEXT NOT NULL,
@@ -330,15 +332,19 @@ class Store:
             self._writer.execute("BEGIN")
             for p in points:
                 before = self._writer.execute(
-                    "SELECT count, sum, counts FROM histograms WHERE stream = ?", (p.stream,)
+                    "SELECT count, sum, bounds, counts FROM histograms WHERE stream = ?",
+                    (p.stream,),
                 ).fetchone()
+                before = before and stored.histogram(*before)  # a damaged row counts as none
                 delta_count, delta_sum, delta_counts = p.count, p.sum, p.counts
                 if before is not None:
-                    old_counts = json.loads(before[2])
+                    old_counts = before[3]
                     if p.count < before[0] or len(old_counts) != len(p.counts):
                         continue  # out of order, or a stale point: keep the newer one
                     delta_count, delta_sum = p.count - before[0], p.sum - before[1]
                     delta_counts = [a - b for a, b in zip(p.counts, old_counts, strict=True)]
+                    if min(delta_counts) < 0:
+                        continue  # a bucket went down while the count went up: not this stream
                 self._writer.execute(
                     "INSERT OR REPLACE INTO histograms VALUES (?,?,?,?,?,?,?,?,?,?)",
                     (
@@ -359,12 +365,13 @@ class Store:
                 minute = p.time_ns // 60_000_000_000
                 key = (minute, p.service, p.method, p.route, p.status or 0)
                 row = self._writer.execute(
-                    "SELECT count, sum, counts FROM route_minutes WHERE minute=? AND service=? "
-                    "AND method=? AND route=? AND status=?",
+                    "SELECT count, sum, bounds, counts FROM route_minutes WHERE minute=? "
+                    "AND service=? AND method=? AND route=? AND status=?",
                     key,
                 ).fetchone()
-                if row is not None and len(json.loads(row[2])) == len(delta_counts):
-                    merged = [a + b for a, b in zip(json.loads(row[2]), delta_counts, strict=True)]
+                row = row and stored.histogram(*row)
+                if row is not None and row[2] == p.bounds:
+                    merged = [a + b for a, b in zip(row[3], delta_counts, strict=True)]
                     delta_count, delta_sum = delta_count + row[0], delta_sum + row[1]
                     delta_counts = merged
                 self._writer.execute(
