@@ -204,7 +204,9 @@ def run(command: list[str], settings: Settings, *, console: bool = True) -> int:
         elif (found := probe_console(settings.console_url)) is None:
             where.append(f"console at {settings.console_url}")
         elif found:  # the port is taken: starting a console there would fail
-            where.append(f"console NOT started: {settings.console_url} is not one ({found})")
+            where.append(
+                f"console NOT started: {settings.console_url} is not a perfagent console ({found})"
+            )
         else:
             log_path = os.path.join(tempfile.gettempdir(), "perfagent-console.log")
             console_pid = _start_console(settings.console_url, log_path)

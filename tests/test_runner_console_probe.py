@@ -96,7 +96,8 @@ def assert_started_and_said(result: subprocess.CompletedProcess, url: str, why: 
     assert result.stdout.strip() == "app started", result.stderr
     said = [line for line in result.stderr.splitlines() if line.startswith("perfagent:")]
     assert len(said) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert f"console NOT started: {url} is not one" in said[0] and why in said[0], said
+    assert f"console NOT started: {url} is not a perfagent console" in said[0], said
+    assert why in said[0], said
 
 
 @pytest.mark.parametrize(
@@ -190,4 +191,4 @@ def test_the_app_starts_when_redis_is_at_the_console_url():
     url = "http://127.0.0.1:6379"
     result = run_app(url)
     assert result.returncode == 0 and result.stdout.strip() == "app started", result.stderr
-    assert f"console NOT started: {url} is not one" in result.stderr, result.stderr
+    assert f"console NOT started: {url} is not a perfagent console" in result.stderr, result.stderr
