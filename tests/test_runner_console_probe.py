@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import shutil
 import socket
 import ssl
 import struct
@@ -79,10 +80,10 @@ def trickle(conn: socket.socket) -> None:
         time.sleep(0.1)
 
 
-def run_app(url: str) -> subprocess.CompletedProcess:
+def run_app(url: str, app: str = APP) -> subprocess.CompletedProcess:
     argv = [*PERFAGENT, "run", "--console-url", url, "--metrics-port", "0"]
     return subprocess.run(
-        [*argv, "--", "python3", "-c", APP],
+        [*argv, "--", "python3", "-c", app],
         cwd=APPS,
         env=clean_env(),
         capture_output=True,
@@ -116,6 +117,19 @@ def test_the_app_starts_whatever_raw_socket_answers(answer, why):
     try:
         url = f"http://127.0.0.1:{listener.port}"
         assert_started_and_said(run_app(url), url, why)
+    finally:
+        listener.close()
+
+
+@pytest.mark.skipif(shutil.which("py-spy") is None, reason="the runner asks only with py-spy")
+def test_the_runner_keeps_asking_for_profiles_without_a_traceback():
+    """While the app runs, the runner asks the console URL for profiles every 2 s:
+    garbage there is one more 'no console right now', not a traceback."""
+    listener = Listener(garbage)
+    try:
+        url = f"http://127.0.0.1:{listener.port}"
+        app = "import time; time.sleep(2 * 2.0 + 0.5); print('app started', flush=True)"
+        assert_started_and_said(run_app(url, app), url, "does not answer in HTTP")
     finally:
         listener.close()
 

@@ -9,6 +9,7 @@ the asked number of seconds, then uploads the collapsed stacks.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
@@ -16,7 +17,6 @@ import socket
 import subprocess
 import tempfile
 import threading
-import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any
@@ -54,15 +54,18 @@ class ProfileRequests:
         while not self._stop.wait(POLL_S):
             try:
                 status, body = self._post(f"/api/profiles/claim?{query}")
-            except (OSError, urllib.error.URLError):
-                continue  # no console right now: ask again later
-            if status != 200:
+                if status != 200:
+                    continue  # nothing asked for
+                asked = json.loads(body)
+                seconds, ask_id = int(asked["seconds"]), int(asked["id"])
+            except (OSError, http.client.HTTPException, ValueError, TypeError, KeyError):
+                # No console right now, or something else at its URL (not HTTP, not
+                # a console's answer): ask again later, never a traceback.
                 continue
-            asked = json.loads(body)
-            result = self._record(int(asked["seconds"]))
+            result = self._record(seconds)
             try:
-                self._post(f"/api/profiles/{int(asked['id'])}/result", result)
-            except (OSError, urllib.error.URLError):
+                self._post(f"/api/profiles/{ask_id}/result", result)
+            except (OSError, http.client.HTTPException):
                 pass
 
     def _record(self, seconds: int) -> dict[str, Any]:
