@@ -400,6 +400,8 @@ def _statements(draw):
         )
     )
     sql = template() + draw(st.sampled_from(["", ";", f" -- {canary}"]))
+    if draw(st.booleans()):  # keywords, prefixes (e'', x'', u&''), names: in lower case
+        sql, names = sql.lower(), [name.lower() for name in names]
     return dialect, sql, canary, number, names
 
 
