@@ -1997,7 +1997,8 @@ put_ms(char *out, double ms)
     return put_digits(out, thousandths % 1000, 3);
 }
 
-/* ``total;dur=<ms>`` and, with queries, ``, db;dur=<ms>;desc="<n> queries"``. */
+/* ``total;dur=<ms>`` and, with queries, ``, db;dur=<ms>;desc="<n> queries"``
+ * (``"1 query"``). */
 static PyObject *
 server_timing_value(PyObject *record, double now)
 {
@@ -2024,7 +2025,8 @@ server_timing_value(PyObject *record, double now)
         }
         end = put_ms(memcpy(end, ", db;dur=", 9) + 9, seconds * 1000.0);
         end = put_digits(memcpy(end, ";desc=\"", 7) + 7, (unsigned long long)n, 1);
-        end = memcpy(end, " queries\"", 9) + 9;
+        end = n == 1 ? (char *)memcpy(end, " query\"", 7) + 7
+                     : (char *)memcpy(end, " queries\"", 9) + 9;
     }
     Py_DECREF(queries);
     return PyBytes_FromStringAndSize(text, end - text);

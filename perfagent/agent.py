@@ -81,7 +81,12 @@ class Agent:
             settings.export_interval_s,
         )
         self.otel = self._otel_bridge()
-        self.capture = QueryCapture(self.internal_error, settings.compiled_hooks)
+        self.capture = QueryCapture(
+            self.internal_error,
+            settings.compiled_hooks,
+            settings.fingerprint_cache_bytes,
+            self.metrics.dropped.labels("fingerprint_cache"),
+        )
         #: Requests in flight -> (thread id, asyncio task or None), for the sampler.
         self.inflight: dict[RequestRecord, tuple[int, Any]] = {}
         self.stack_sampler = StackSampler(

@@ -47,6 +47,8 @@ class Settings:
     regression_window_s: float = 60.0
     #: Route template -> its own slow threshold in ms (``/report=2000,/export/{id}=5000``).
     slow_routes: tuple[tuple[str, float], ...] = ()
+    #: The SQL fingerprint cache's bound (statement text and shapes, estimated bytes).
+    fingerprint_cache_bytes: int = 4 * 1024 * 1024
 
 
 def _parse_bool(text: Any) -> bool:
@@ -151,6 +153,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "profile_token": _token,
     "slow_routes": _route_thresholds,
     "regression_window_s": _number(1, 86400, integer=False, unit="seconds"),
+    "fingerprint_cache_bytes": _number(65536, 1 << 34, integer=True, unit="bytes"),
 }
 SETTING_NAMES: tuple[str, ...] = tuple(f.name for f in fields(Settings))
 

@@ -36,6 +36,12 @@ def _app(db: str) -> tuple[FastAPI, dict]:
             conn.execute("SELECT 2").fetchall()
         return {"item": item_id}
 
+    @app.get("/one")
+    async def one():
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            conn.execute("SELECT 1").fetchall()
+        return {}
+
     @app.get("/stream")
     async def stream():
         async def chunks():
@@ -123,6 +129,25 @@ def test_the_adapter_records_each_request_once_and_cleans_up(tmp_path, compiled)
         "GET": 0,
         "_OTHER": 0,
     }
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_server_timing_says_one_query_and_n_queries(tmp_path, compiled):
+    """Issue 24 item 7: "1 query" (it said "1 queries"), "2 queries", from the C
+    header writer and from its Python twin."""
+    app, _ = _app(str(tmp_path / "db.sqlite"))
+    perfagent.init(app, metrics_port=0, compiled_hooks=compiled)
+
+    async def main():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return [
+                (await client.get(path)).headers["server-timing"] for path in ("/one", "/items/1")
+            ]
+
+    one, two = asyncio.run(main())
+    assert re.fullmatch(r'total;dur=\d+\.\d{3}, db;dur=\d+\.\d{3};desc="1 query"', one), one
+    assert two.endswith(';desc="2 queries"'), two
 
 
 @pytest.mark.parametrize("compiled", [True, False])

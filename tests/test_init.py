@@ -77,6 +77,28 @@ def test_flask_init_app_and_class_patch_count_once():
     assert _counts() == {("GET", "/users/<int:uid>", "200"): 3}
 
 
+def test_flask_server_timing_says_one_query(tmp_path):
+    """Issue 24 item 7: "1 query", "2 queries" on a Flask response (WSGI adapter)."""
+    import sqlite3
+
+    app = Flask("t")
+    db = str(tmp_path / "db.sqlite")
+
+    @app.get("/queries/<int:n>")
+    def queries(n):
+        conn = sqlite3.connect(db)
+        for i in range(n):
+            conn.execute("SELECT ?", (i,)).fetchall()
+        conn.close()
+        return "ok"
+
+    perfagent.init(app, metrics_port=0)
+    client = app.test_client()
+    with client.get("/queries/1") as one, client.get("/queries/2") as two:
+        assert one.headers["Server-Timing"].endswith(';desc="1 query"'), one.headers
+        assert two.headers["Server-Timing"].endswith(';desc="2 queries"'), two.headers
+
+
 def test_shutdown_removes_the_adapter_from_a_running_app():
     app = _fastapi_app()
     perfagent.init(app, metrics_port=0)

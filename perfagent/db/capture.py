@@ -13,7 +13,7 @@ from types import FrameType
 from typing import Any, NamedTuple
 
 from perfagent.db.callsite import AppFrames, Site
-from perfagent.db.fingerprint import Fingerprints, Shape
+from perfagent.db.fingerprint import CACHE_BYTES, Fingerprints, Shape
 from perfagent.record import RequestRecord
 
 
@@ -47,10 +47,17 @@ except ImportError:
 class QueryCapture:
     """Shared by every driver hook; one per agent."""
 
-    def __init__(self, on_error: Any, compiled: bool = True) -> None:
+    def __init__(
+        self,
+        on_error: Any,
+        compiled: bool = True,
+        cache_bytes: int = CACHE_BYTES,
+        dropped: Any = None,
+    ) -> None:
         #: Whether the per-query work may run in C (``PERFAGENT_COMPILED_HOOKS``).
         self.compiled = compiled
-        self.fingerprints = Fingerprints()
+        #: ``dropped`` counts the shapes the cache forgets when it is full.
+        self.fingerprints = Fingerprints(cache_bytes, dropped)
         self.frames = AppFrames()
         self._shapes = self.fingerprints.cache
         self._on_error = on_error
@@ -74,7 +81,7 @@ class QueryCapture:
         try:
             if sql.__class__ is not str:
                 sql = sql.decode() if isinstance(sql, bytes) else str(sql)
-            shape = self._shapes.get(sql) or self.fingerprints(sql)
+            shape = self._shapes.get(sql) or self.fingerprints(sql, system)
             sites, lazy = self.frames.capture(caller)
             query = Query(system, sql, shape, params, start, end - start, many, sites, lazy)
             queries = record.queries

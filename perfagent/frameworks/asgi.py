@@ -262,9 +262,11 @@ class _Request:
                 if self._server_timing:
                     value = b"total;dur=%.3f" % ((now - record.start) * 1000.0)
                     if record.queries:
-                        value += b', db;dur=%.3f;desc="%d queries"' % (
+                        n = len(record.queries)
+                        value += b', db;dur=%.3f;desc="%d %s"' % (
                             record.db_time * 1000.0,
-                            len(record.queries),
+                            n,
+                            b"query" if n == 1 else b"queries",
                         )
                     message["headers"] = [*message.get("headers", ()), (_SERVER_TIMING, value)]
             except Exception as exc:
