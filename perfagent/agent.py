@@ -57,8 +57,9 @@ class Agent:
         self._errors_logged: set[str] = set()
         self._recent: dict[tuple, list] = {}  # finding key -> [last exported, repeats since]
         self.repeat_every_s = REPEAT_EVERY_S
-        #: True while the loop that serves requests has no watchdog yet: the ASGI
-        #: adapter reads this one attribute per call and calls watch_loop() once.
+        #: True while the loop that serves requests has no watchdog yet, or has one
+        #: whose heartbeat went idle: the ASGI adapter reads this one attribute per
+        #: call and calls watch_loop() then (starts one, or re-arms it).
         self.loop_watch_pending = True
         self.loop_watchdog: Any = None
         self._watch_lock = threading.Lock()
@@ -220,23 +221,31 @@ class Agent:
         self.exporter.after_fork_in_child()
 
     def watch_loop(self) -> None:
-        """Starts the event-loop watchdog on the running loop; never raises.
+        """Starts the event-loop watchdog on the running loop, or re-arms its idle
+        heartbeat; never raises.
 
-        Called by the ASGI adapter on the loop's own thread (lifespan or first
+        Called by the ASGI adapter on the loop's own thread (lifespan or a
         request), so it watches the loop that serves requests, in every worker.
         """
-        with self._watch_lock:
-            if not self.loop_watch_pending:
-                return
-            self.loop_watch_pending = False
-            if not self.running:
-                return
-            try:
+        old = None
+        try:
+            with self._watch_lock:
+                if not self.loop_watch_pending:
+                    return
+                self.loop_watch_pending = False
+                if not self.running:
+                    return
+                watchdog = self.loop_watchdog
+                if watchdog is not None and watchdog.rearm():  # idle since the last request
+                    return
+                old, self.loop_watchdog = watchdog, None
                 from perfagent.detectors.eventloop import watch_running_loop
 
                 self.loop_watchdog = watch_running_loop(self)
-            except Exception as exc:
-                self.internal_error("watch_loop", exc)
+        except Exception as exc:
+            self.internal_error("watch_loop", exc)
+        if old is not None:  # it watched a loop that no longer serves (outside the lock:
+            old.stop()  # its monitor ends through loop_watchdog_ended, which takes it)
 
     def loop_watchdog_ended(self, watchdog: Any) -> None:
         """The watchdog's loop closed: the next loop to serve a request gets a new one."""
