@@ -66,14 +66,19 @@ class Agent:
         self._slow_s = settings.slow_ms / 1000.0  # read per request: a plain attribute
         self._slow_routes = {route: ms / 1000.0 for route, ms in settings.slow_routes}
         self.sampler = Sampler.from_environment(settings.trace_sample)
-        self.thread = AgentThread(self.internal_error)
-        self.thread.every(WRITE_EVERY_S, self._write_log)
-        self.thread.every(1.0, self.metrics.stats.flush)
+        # Both threads rest while there is no work (background.py): the agent thread
+        # once no request is in flight, the export thread once nothing is queued.
+        self.thread = AgentThread(self.internal_error, quiet=self._quiet, on_rest=self._rest)
+        self.thread.every(WRITE_EVERY_S, self._write_log, settle=True)
+        self.thread.every(1.0, self.metrics.stats.flush, settle=True)
         # Exports wait on the network (up to TIMEOUT_S a post against a collector that
         # hangs): on a thread of their own, so that the stack sampler and the log writer
-        # keep their pace whatever the collector does. The agent thread starts it.
-        self.export_thread = AgentThread(self.internal_error, "perfagent-export")
-        self.thread.every(1.0, self.export_thread.ensure_started)
+        # keep their pace whatever the collector does. The agent thread starts (and
+        # wakes) it.
+        self.export_thread = AgentThread(
+            self.internal_error, "perfagent-export", quiet=lambda: self.exporter.quiet()
+        )
+        self.thread.every(1.0, self.export_thread.ensure_started, settle=True)
         self.exporter = Exporter(
             settings.console_url,
             settings.service_name,
@@ -200,6 +205,15 @@ class Agent:
         """Agent-thread task: writes the queued log lines. From its first run until
         the agent stops, log events queue for it rather than being written in place."""
         self.log.deferred = self.running
+        self.log.write()
+
+    def _quiet(self) -> bool:
+        """Agent thread: nothing for it to do until a request starts."""
+        return not self.inflight
+
+    def _rest(self) -> None:
+        """Agent thread, before it rests: log lines are written where they are logged."""
+        self.log.deferred = False
         self.log.write()
 
     def _at_exit(self) -> None:
