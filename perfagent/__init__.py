@@ -57,7 +57,7 @@ def init(app: Any = None, **settings: Any) -> None:
             instrumentations.instrument_app(app)
             try:
                 app._perfagent_instrumented = True
-                agent.apps.append(lambda: _forget(app))
+                agent.undo_app(app, lambda: _forget(app))
             except AttributeError:
                 pass
         elif agent is not None and not agent.import_hooks:

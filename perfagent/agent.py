@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import os
 import threading
+import weakref
 from collections.abc import Callable
 from time import perf_counter
 from typing import Any
@@ -38,6 +39,7 @@ except ImportError:
 #: Query findings of one kind, route, shape and call site are exported at most this often.
 REPEAT_EVERY_S = 10.0
 _THROTTLED = frozenset(("n_plus_one", "duplicate_query"))
+_UNDO = "_perfagent_undo"  # an instrumented app's own list of undos
 
 
 Step = Callable[[RequestRecord], None]
@@ -52,7 +54,10 @@ class Agent:
         self.metrics.stats.compiled = settings.compiled_hooks
         self.patches: list[Patch] = []
         self.import_hooks: list[PostImportHooks] = []
-        self.apps: list[Any] = []  # apps given to init(app), to undo on shutdown
+        self.apps: list[Any] = []  # undos to run on shutdown (drivers hooked late)
+        #: Apps given to init(app), held weakly: each holds its own undos (``undo_app``),
+        #: so a test suite that makes an app per test does not keep every app alive.
+        self._apps: weakref.WeakSet[Any] = weakref.WeakSet()
         self._metrics_server: Any = None
         self._errors_logged: set[str] = set()
         self._recent: dict[tuple, list] = {}  # finding key -> [last exported, repeats since]
@@ -196,6 +201,10 @@ class Agent:
         for undo in reversed(self.apps):
             undo()
         self.apps.clear()
+        for app in list(self._apps):
+            for undo in reversed(app.__dict__.pop(_UNDO, [])):
+                undo()
+        self._apps = weakref.WeakSet()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
@@ -206,6 +215,14 @@ class Agent:
         the agent stops, log events queue for it rather than being written in place."""
         self.log.deferred = self.running
         self.log.write()
+
+    def undo_app(self, app: Any, undo: Callable[[], None]) -> None:
+        """Runs ``undo`` on shutdown if ``app`` is still alive; the app holds it."""
+        try:
+            app.__dict__.setdefault(_UNDO, []).append(undo)
+            self._apps.add(app)
+        except (AttributeError, TypeError):  # no __dict__ or no weak reference
+            self.apps.append(undo)
 
     def _quiet(self) -> bool:
         """Agent thread: nothing for it to do until a request starts."""

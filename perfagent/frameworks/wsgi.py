@@ -228,4 +228,4 @@ class FlaskInstrumentation:
             return serve(app, inner, environ, start_response)
 
         patch = Patch(app, "wsgi_app", wsgi_app)
-        self.agent.apps.append(patch.undo)
+        self.agent.undo_app(app, patch.undo)
