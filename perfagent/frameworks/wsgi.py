@@ -97,9 +97,12 @@ class _Body:
 
     def __del__(self) -> None:
         # Never closed nor exhausted (a test client that dropped the response).
-        record = getattr(self, "_record", None)
-        if record is not None and not record.done:
-            self._agent.finish(record)  # never raises
+        try:
+            record = self._record
+            if not record.done:
+                self._agent.finish(record)
+        except Exception:  # at interpreter exit, or a half-made body: nothing to end
+            pass
 
 
 class FlaskInstrumentation:
