@@ -323,6 +323,8 @@ class LoopWatchdog:
                     stall = None
                     self._ended.clear()
                     self._armed.wait()
+                    if self._stop.is_set():  # stop() sets it too: no last sleep to join
+                        return
                     if fd >= 0:
                         sched = os.pread(fd, 64, 0)
                     period = self.idle_period
