@@ -29,7 +29,7 @@ def init(app: Any = None, **settings: Any) -> None:
     adds the app but never instruments a request twice.
     """
     from perfagent.agent import Agent
-    from perfagent.config import load_settings
+    from perfagent.config import check_overrides, load_settings
     from perfagent.frameworks.autopatch import Instrumentations
 
     with _lock:
@@ -49,7 +49,7 @@ def init(app: Any = None, **settings: Any) -> None:
             if app is None:
                 instrumentations.instrument_all()
         elif settings:
-            load_settings(settings)  # still reject bad values loudly
+            check_overrides(settings)  # still reject bad values loudly
         instrumentations = _state["instrumentations"]
         if app is not None:
             if getattr(app, "_perfagent_instrumented", False):
@@ -57,7 +57,7 @@ def init(app: Any = None, **settings: Any) -> None:
             instrumentations.instrument_app(app)
             try:
                 app._perfagent_instrumented = True
-                agent.apps.append(lambda: _forget(app))
+                agent.undo_app(app, lambda: _forget(app))
             except AttributeError:
                 pass
         elif agent is not None and not agent.import_hooks:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import os
 import threading
+import weakref
 from collections.abc import Callable
 from time import perf_counter
 from typing import Any
@@ -38,6 +39,7 @@ except ImportError:
 #: Query findings of one kind, route, shape and call site are exported at most this often.
 REPEAT_EVERY_S = 10.0
 _THROTTLED = frozenset(("n_plus_one", "duplicate_query"))
+_UNDO = "_perfagent_undo"  # an instrumented app's own list of undos
 
 
 Step = Callable[[RequestRecord], None]
@@ -52,27 +54,36 @@ class Agent:
         self.metrics.stats.compiled = settings.compiled_hooks
         self.patches: list[Patch] = []
         self.import_hooks: list[PostImportHooks] = []
-        self.apps: list[Any] = []  # apps given to init(app), to undo on shutdown
+        self.apps: list[Any] = []  # undos to run on shutdown (drivers hooked late)
+        #: Apps given to init(app), held weakly: each holds its own undos (``undo_app``),
+        #: so a test suite that makes an app per test does not keep every app alive.
+        self._apps: weakref.WeakSet[Any] = weakref.WeakSet()
         self._metrics_server: Any = None
         self._errors_logged: set[str] = set()
         self._recent: dict[tuple, list] = {}  # finding key -> [last exported, repeats since]
         self.repeat_every_s = REPEAT_EVERY_S
-        #: True while the loop that serves requests has no watchdog yet: the ASGI
-        #: adapter reads this one attribute per call and calls watch_loop() once.
+        #: True while the loop that serves requests has no watchdog yet, or has one
+        #: whose heartbeat went idle: the ASGI adapter reads this one attribute per
+        #: call and calls watch_loop() then (starts one, or re-arms it).
         self.loop_watch_pending = True
         self.loop_watchdog: Any = None
         self._watch_lock = threading.Lock()
         self._slow_s = settings.slow_ms / 1000.0  # read per request: a plain attribute
         self._slow_routes = {route: ms / 1000.0 for route, ms in settings.slow_routes}
         self.sampler = Sampler.from_environment(settings.trace_sample)
-        self.thread = AgentThread(self.internal_error)
-        self.thread.every(WRITE_EVERY_S, self._write_log)
-        self.thread.every(1.0, self.metrics.stats.flush)
+        # Both threads rest while there is no work (background.py): the agent thread
+        # once no request is in flight, the export thread once nothing is queued.
+        self.thread = AgentThread(self.internal_error, quiet=self._quiet, on_rest=self._rest)
+        self.thread.every(WRITE_EVERY_S, self._write_log, settle=True)
+        self.thread.every(1.0, self.metrics.stats.flush, settle=True)
         # Exports wait on the network (up to TIMEOUT_S a post against a collector that
         # hangs): on a thread of their own, so that the stack sampler and the log writer
-        # keep their pace whatever the collector does. The agent thread starts it.
-        self.export_thread = AgentThread(self.internal_error, "perfagent-export")
-        self.thread.every(1.0, self.export_thread.ensure_started)
+        # keep their pace whatever the collector does. The agent thread starts (and
+        # wakes) it.
+        self.export_thread = AgentThread(
+            self.internal_error, "perfagent-export", quiet=lambda: self.exporter.quiet()
+        )
+        self.thread.every(1.0, self.export_thread.ensure_started, settle=True)
         self.exporter = Exporter(
             settings.console_url,
             settings.service_name,
@@ -195,6 +206,10 @@ class Agent:
         for undo in reversed(self.apps):
             undo()
         self.apps.clear()
+        for app in list(self._apps):
+            for undo in reversed(app.__dict__.pop(_UNDO, [])):
+                undo()
+        self._apps = weakref.WeakSet()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
@@ -204,6 +219,23 @@ class Agent:
         """Agent-thread task: writes the queued log lines. From its first run until
         the agent stops, log events queue for it rather than being written in place."""
         self.log.deferred = self.running
+        self.log.write()
+
+    def undo_app(self, app: Any, undo: Callable[[], None]) -> None:
+        """Runs ``undo`` on shutdown if ``app`` is still alive; the app holds it."""
+        try:
+            app.__dict__.setdefault(_UNDO, []).append(undo)
+            self._apps.add(app)
+        except (AttributeError, TypeError):  # no __dict__ or no weak reference
+            self.apps.append(undo)
+
+    def _quiet(self) -> bool:
+        """Agent thread: nothing for it to do until a request starts."""
+        return not self.inflight
+
+    def _rest(self) -> None:
+        """Agent thread, before it rests: log lines are written where they are logged."""
+        self.log.deferred = False
         self.log.write()
 
     def _at_exit(self) -> None:
@@ -225,23 +257,31 @@ class Agent:
         self.exporter.after_fork_in_child()
 
     def watch_loop(self) -> None:
-        """Starts the event-loop watchdog on the running loop; never raises.
+        """Starts the event-loop watchdog on the running loop, or re-arms its idle
+        heartbeat; never raises.
 
-        Called by the ASGI adapter on the loop's own thread (lifespan or first
+        Called by the ASGI adapter on the loop's own thread (lifespan or a
         request), so it watches the loop that serves requests, in every worker.
         """
-        with self._watch_lock:
-            if not self.loop_watch_pending:
-                return
-            self.loop_watch_pending = False
-            if not self.running:
-                return
-            try:
+        old = None
+        try:
+            with self._watch_lock:
+                if not self.loop_watch_pending:
+                    return
+                self.loop_watch_pending = False
+                if not self.running:
+                    return
+                watchdog = self.loop_watchdog
+                if watchdog is not None and watchdog.rearm():  # idle since the last request
+                    return
+                old, self.loop_watchdog = watchdog, None
                 from perfagent.detectors.eventloop import watch_running_loop
 
                 self.loop_watchdog = watch_running_loop(self)
-            except Exception as exc:
-                self.internal_error("watch_loop", exc)
+        except Exception as exc:
+            self.internal_error("watch_loop", exc)
+        if old is not None:  # it watched a loop that no longer serves (outside the lock:
+            old.stop()  # its monitor ends through loop_watchdog_ended, which takes it)
 
     def loop_watchdog_ended(self, watchdog: Any) -> None:
         """The watchdog's loop closed: the next loop to serve a request gets a new one."""

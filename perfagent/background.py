@@ -14,6 +14,16 @@ Each wake-up takes the GIL from whatever runs and costs a context switch;
 on this project's 2-core VMs a wake-up of an idle process cost ~0.1-0.2 ms
 of CPU, so the sampler's 100 ticks a second were most of an idle app's
 CPU under the agent.
+
+And a thread with no work at all rests: once ``quiet()`` (no request in
+flight, nothing queued) has held for ``SETTLE_S``, the tasks marked
+``settle`` run one last time (merge the counts, write the log, export what
+is left) and the thread waits on an event, with no timeout, until
+``ensure_started()`` wakes it. Resting, it sets ``running`` to False, which
+request paths already test before calling ``ensure_started()``: the first
+request after a rest wakes it at no cost to the others. The thread tests
+``quiet()`` again after clearing ``running``, so a request that saw it
+still True is seen in flight (both run under the GIL, in that order).
 """
 
 from __future__ import annotations
@@ -22,18 +32,31 @@ import threading
 import time
 from collections.abc import Callable
 
+#: A thread rests once ``quiet()`` has held this long (two merges of counts at 1 s).
+SETTLE_S = 2.0
+
+_Task = tuple[float, Callable[[], None], Callable[[], float] | None, bool]
+
 
 class AgentThread:
     def __init__(
-        self, on_error: Callable[[str, BaseException], None], name: str = "perfagent"
+        self,
+        on_error: Callable[[str, BaseException], None],
+        name: str = "perfagent",
+        quiet: Callable[[], bool] | None = None,
+        on_rest: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
-        self._tasks: list[tuple[float, Callable[[], None], Callable[[], float] | None]] = []
+        self._tasks: list[_Task] = []
         self._on_error = on_error
+        self._quiet = quiet
+        self._on_rest = on_rest
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # taken at start and stop only
-        #: True from the thread's start until stop() or a fork.
+        #: True while the thread runs and is awake; False before its start, while it
+        #: rests, after stop() and in a forked child: then ensure_started() is due.
         self.running = False
 
     def every(
@@ -41,31 +64,41 @@ class AgentThread:
         seconds: float,
         task: Callable[[], None],
         idle: Callable[[], float] | None = None,
+        settle: bool = False,
     ) -> None:
         """Runs ``task`` about every ``seconds`` on the agent thread; ``idle()``, asked
-        after each run, may put the next run off: the seconds it has nothing to do."""
-        self._tasks.append((seconds, task, idle))
+        after each run, may put the next run off: the seconds it has nothing to do.
+        A ``settle`` task also runs once before the thread rests."""
+        self._tasks.append((seconds, task, idle, settle))
 
     def ensure_started(self) -> None:
-        """Starts the thread unless it runs. Request paths test ``running`` first:
-        reading an attribute costs less than calling this each time."""
+        """Starts the thread unless it runs, or wakes it from a rest. Request paths
+        test ``running`` first: reading an attribute costs less than calling this."""
         if self._thread is not None:
+            if not self.running and not self._stop.is_set():
+                self.running = True
+                self._wake.set()
             return
         with self._lock:
             if self._thread is None and not self._stop.is_set():
                 thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self.running = True
                 thread.start()
                 self._thread = thread
-                self.running = True
 
     def _run(self) -> None:
         tasks = self._tasks
+        shortest = min((interval for interval, _, _, _ in tasks), default=1.0)
         # Every task runs at the first wake-up, after the shortest interval, then when due.
-        first = time.monotonic() + min((interval for interval, _, _ in tasks), default=1.0)
-        due = [first] * len(tasks)
-        while not self._stop.wait(max(min(due, default=first) - time.monotonic(), 0.0)):
+        due = [time.monotonic() + shortest] * len(tasks)
+        quiet_since: float | None = None
+        while True:
+            self._wake.wait(max(min(due, default=shortest) - time.monotonic(), 0.0))
+            if self._stop.is_set():
+                return
+            self._wake.clear()
             now = time.monotonic()
-            for index, (interval, task, idle) in enumerate(tasks):
+            for index, (interval, task, idle, _) in enumerate(tasks):
                 if now < due[index] - 0.001:  # a wait may end a little early
                     continue
                 wait = interval
@@ -76,9 +109,48 @@ class AgentThread:
                 except Exception as exc:
                     self._on_error(getattr(task, "__qualname__", "task"), exc)
                 due[index] = now + wait
+            if self._quiet is None or not self._is_quiet():
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = now
+            elif now - quiet_since >= SETTLE_S:
+                quiet_since = None
+                if self._rest():
+                    return
+                now = time.monotonic()
+                due = [now + interval for interval, _, _, _ in tasks]
+
+    def _is_quiet(self) -> bool:
+        try:
+            return bool(self._quiet())  # type: ignore[misc]
+        except Exception as exc:
+            self._on_error("quiet", exc)
+            return False
+
+    def _rest(self) -> bool:
+        """Settles, then waits until woken; True when woken by stop()."""
+        for _, task, _, settle in self._tasks:
+            if settle:
+                try:
+                    task()
+                except Exception as exc:
+                    self._on_error(getattr(task, "__qualname__", "task"), exc)
+        self.running = False
+        if not self._is_quiet():  # a request came in meanwhile, and saw running True
+            self.running = True
+            return False
+        if self._on_rest is not None:
+            try:
+                self._on_rest()
+            except Exception as exc:
+                self._on_error("rest", exc)
+        self._wake.wait()
+        self._wake.clear()
+        return self._stop.is_set()
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
+        self._wake.set()
         with self._lock:
             thread, self._thread = self._thread, None
             self.running = False
@@ -89,3 +161,4 @@ class AgentThread:
         self._thread = None
         self.running = False
         self._lock = threading.Lock()
+        self._wake = threading.Event()

@@ -4,26 +4,47 @@ Two halves, so that requests pay nothing:
 
 * A heartbeat on the loop: one callback re-armed with ``loop.call_later``
   (any loop has it, uvloop included). Each tick it notes the time, the
-  process's CPU time and how late it ran (the loop's lag, counted into plain
-  lists that the monitor merges into the histogram). A tick that is late by
-  about the threshold leaves a *gap* for the monitor.
+  process's CPU time, the loop thread's scheduler statistics and how late it
+  ran (the loop's lag, counted into plain lists that the monitor merges into
+  the histogram). A tick that is late by about the threshold leaves a *gap*
+  for the monitor.
 * A monitor thread (``perfagent-loop``). While the heartbeat is stale it
   samples the loop thread's stack (``sys._current_frames()``) every few ms;
   each gap the heartbeat reports is judged once, so a block gives one event.
+
+Armed only while there is work: the heartbeat runs while requests are in
+flight and for ``LINGER_S`` after the last one (so the block of a callback a
+request left behind is still caught); then it stops re-arming itself, the
+monitor waits on an event, and an idle worker wakes for nothing (100 ticks
+and 40 monitor wake-ups a second were most of an idle app's CPU under the
+agent). The next request re-arms both through ``agent.loop_watch_pending``,
+which the ASGI adapter reads on every call anyway. What this gives up: a
+callback or background task that blocks the loop while no request has run
+for ``LINGER_S`` is not reported, and the lag histogram is not fed then. No
+request waited on such a block, except one arriving during it, whose own
+duration starts only once the loop takes it.
 
 Judging a gap:
 
 * Duration: the heartbeat's lateness plus half its interval (the block
   started at an unknown point of the last interval; the midpoint makes the
   error at most half an interval either way).
+* Waiting for a CPU is not blocked: on a busy machine a loop thread that is
+  ready to run may wait on the kernel's run queue; its tick is late though
+  nothing held the loop. ``/proc/self/task/TID/schedstat`` gives the time a
+  thread waited on a run queue: the gap's share of it is taken off the
+  duration, which is then the time the loop thread ran or slept inside a
+  callback (a CPU-bound block reports its CPU time, whatever the load).
+  Without schedstat (not Linux), nothing is taken off.
 * Paused, not blocked: when the whole process is stopped (SIGSTOP, a VM
-  pause, CPU starvation) the monitor wakes late too. If the process burned
-  little CPU while the monitor overslept (less than half that time), the
-  oversleep minus that CPU is time nobody ran; it is taken off the duration.
+  pause) the monitor wakes late too. Its oversleep, less the time it waited
+  for a CPU (its own schedstat), is time it could not run; less the CPU the
+  process burnt and the loop thread's wait for a CPU meanwhile, it is time
+  nobody ran, taken off the duration.
   A C call holding the GIL (a catastrophic regex) also makes the monitor
-  oversleep, but the process burned CPU all along (even on a busy machine,
-  most of it), so nothing is taken off: the block is reported late, with its
-  real duration.
+  oversleep, but the loop thread burnt CPU or waited for one all along, so
+  nothing is taken off: the block is reported late, with the time the loop
+  thread spent in it.
 * Blocked or saturated: each sample is keyed by the frame object of the
   callback the loop is running (the outermost frame above the loop's own
   dispatch frame, learnt from the heartbeat's caller). One key in at least
@@ -45,6 +66,7 @@ request's record lives, so attaching them never races the end of a request.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import threading
 from bisect import bisect_left
@@ -58,6 +80,32 @@ from perfagent.export.metrics import LOOP_LAG_BUCKETS as LAG_BUCKETS
 MAX_SAMPLES = 400  # per stall: 2 s at 5 ms; a longer stall keeps its first samples
 MAX_DEPTH = 128  # frames per sample
 MAX_STACK_LINES = 40  # frames per event: the innermost ones
+#: The heartbeat stays armed this long after the last request in flight ended.
+LINGER_S = 1.0
+
+
+def _schedstat(tid: int) -> int:
+    """A read-only descriptor of a thread's ``schedstat``, or -1 (not Linux, no schedstats)."""
+    try:
+        fd = os.open(f"/proc/self/task/{tid}/schedstat", os.O_RDONLY)
+    except OSError:
+        return -1
+    try:
+        os.pread(fd, 64, 0)
+    except OSError:
+        os.close(fd)
+        return -1
+    return fd
+
+
+def _queued_s(before: bytes | None, after: bytes | None) -> float:
+    """Seconds a thread waited on a run queue between two reads of its schedstat."""
+    if not before or not after:
+        return 0.0
+    try:
+        return max(0, int(after.split()[1]) - int(before.split()[1])) / 1e9
+    except (IndexError, ValueError):
+        return 0.0
 
 
 def _interval(threshold: float) -> float:
@@ -98,15 +146,18 @@ class LoopWatchdog:
         self.frames = agent.capture.frames  # the agent's one app/library classifier
         self._adapter_code: CodeType = PerfagentASGI.__call__.__code__
         self._loop_thread = threading.get_ident()
+        self._sched_fd = _schedstat(threading.get_native_id())
         self._running = False
         self._handle: Any = None
         # Written by the heartbeat, read by the monitor (single attribute stores).
         self._beat: float | None = None  # None until the first tick: not armed
         self._due = 0.0
         self._cpu = 0.0
+        self._sched: bytes | None = None  # the loop thread's schedstat at the last tick
+        self._busy = 0.0  # when the heartbeat last saw a request in flight
         self._dispatch: CodeType | None = None  # the loop's frame that runs callbacks
         self._rearm = False  # set by the monitor when the loop stopped running
-        self._gaps: deque[tuple[float, float, float, float]] = deque(maxlen=32)
+        self._gaps: deque[tuple[float, float, float, float, float]] = deque(maxlen=32)
         self._lag_counts = [0] * (len(LAG_BUCKETS) + 1)
         self._lag_sum = 0.0
         # Monitor thread only.
@@ -115,6 +166,8 @@ class LoopWatchdog:
         self._dead: deque[tuple[float, float]] = deque(maxlen=64)
         self._ended: deque[_Stall] = deque(maxlen=4)
         self._stop = threading.Event()
+        #: Set while the heartbeat runs; the monitor waits on it while the loop is idle.
+        self._armed = threading.Event()
         self._thread: threading.Thread | None = None
         self.pool: PoolWatch | None = None
 
@@ -123,6 +176,8 @@ class LoopWatchdog:
     def start(self) -> None:
         """Arms the heartbeat and starts the monitor; call on the loop's own thread."""
         self._running = True
+        self._busy = perf_counter()
+        self._armed.set()
         self._handle = self.loop.call_soon(self._first_tick)
         self.pool = PoolWatch.of_running_loop(self.agent, self.threshold, self._adapter_code)
         thread = threading.Thread(target=self._monitor, name="perfagent-loop", daemon=True)
@@ -133,6 +188,7 @@ class LoopWatchdog:
         """Stops the monitor and cancels the heartbeat; safe from any thread, twice."""
         self._running = False
         self._stop.set()
+        self._armed.set()  # wakes an idle monitor, which then sees the stop
         handle, self._handle = self._handle, None
         if handle is not None:
             try:
@@ -146,6 +202,25 @@ class LoopWatchdog:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
         self._merge_lag()
+        fd, self._sched_fd = self._sched_fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def rearm(self) -> bool:
+        """On the loop thread, as a request arrives: arms an idle heartbeat again.
+        False when this watchdog does not watch the running loop (a new one is needed)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        if loop is not self.loop or not self._running or not self.alive:
+            return False
+        self._busy = perf_counter()
+        if not self._armed.is_set():
+            self._rearm = True
+            self._tick()
+            self._armed.set()
+        return True
 
     @property
     def alive(self) -> bool:
@@ -169,6 +244,7 @@ class LoopWatchdog:
         try:
             now = perf_counter()
             cpu = process_time()
+            sched = os.pread(self._sched_fd, 64, 0) if self._sched_fd >= 0 else None
             if self._rearm:  # first tick, or the loop was stopped and runs again
                 self._rearm = False
             else:
@@ -178,13 +254,28 @@ class LoopWatchdog:
                 self._lag_counts[bisect_left(LAG_BUCKETS, lag)] += 1
                 self._lag_sum += lag
                 if lag + self.interval / 2.0 >= self.threshold:
-                    self._gaps.append((self._beat or now, now, lag, cpu - self._cpu))
+                    queued = _queued_s(self._sched, sched)
+                    self._gaps.append((self._beat or now, now, lag, cpu - self._cpu, queued))
+                    self._busy = now  # judged with the stall's samples: stay armed
             self._cpu = cpu
+            self._sched = sched
+            if self.agent.inflight:
+                self._busy = now
+            elif now - self._busy > LINGER_S:
+                self._disarm()
+                return
             self._due = now + self.interval
             self._beat = now
             self._handle = self.loop.call_later(self.interval, self._tick)
         except Exception as exc:
             self.agent.internal_error("eventloop.heartbeat", exc)
+
+    def _disarm(self) -> None:
+        """Loop thread: no request for ``LINGER_S``; the next one re-arms (``rearm``)."""
+        self._handle = None
+        self._beat = None
+        self._armed.clear()
+        self.agent.loop_watch_pending = True
 
     def _deliver(self, kind: str, fields: dict[str, Any], record: Any) -> None:
         """Runs on the loop thread: the finding, the counter, the kept trace."""
@@ -222,34 +313,59 @@ class LoopWatchdog:
         stall: _Stall | None = None
         next_merge = perf_counter() + 1.0
         expected = perf_counter() + period
-        while True:
-            sleep(period)  # cheaper than Event.wait; stop() waits at most one period
-            if self._stop.is_set():
-                return
-            now = perf_counter()
-            if now - expected > self.oversleep:
-                self._dead.append((expected, now))
-            loop = self.loop
-            if loop.is_closed():
-                return
-            try:
-                stall = self._check(now, stall)
-                while self._gaps:
-                    self._judge(self._gaps.popleft(), stall)
-                # The heartbeat leaves a stall's gap before it beats again, so an
-                # ended stall has been judged by now (or was too short): let its
-                # frames, and the locals they hold, go.
-                self._ended.clear()
-            except Exception as exc:  # a bug here must not end the watch
-                self.agent.internal_error("eventloop.judge", exc)
-                stall = None
-            if self.pool is not None:
-                self.pool.check(now)
-            if now >= next_merge:
-                next_merge = now + 1.0
-                self._merge_lag()
-            period = self.sample_period if stall is not None else self.idle_period
-            expected = perf_counter() + period
+        fd = _schedstat(threading.get_native_id())
+        sched = os.pread(fd, 64, 0) if fd >= 0 else None
+        try:
+            while True:
+                if not self._armed.is_set():  # the loop is idle: sleep until a request
+                    stall, next_merge = self._step(perf_counter(), stall, next_merge)
+                    self._merge_lag()
+                    stall = None
+                    self._ended.clear()
+                    self._armed.wait()
+                    if self._stop.is_set():  # stop() sets it too: no last sleep to join
+                        return
+                    if fd >= 0:
+                        sched = os.pread(fd, 64, 0)
+                    period = self.idle_period
+                    expected = perf_counter() + period
+                sleep(period)  # cheaper than Event.wait; stop() waits at most one period
+                if self._stop.is_set():
+                    return
+                now = perf_counter()
+                before, sched = sched, os.pread(fd, 64, 0) if fd >= 0 else None
+                # Overslept, less the time spent waiting for a CPU: time it could not run.
+                missed = now - expected - _queued_s(before, sched)
+                if missed > self.oversleep:
+                    self._dead.append((now - missed, now))
+                if self.loop.is_closed():
+                    return
+                stall, next_merge = self._step(now, stall, next_merge)
+                period = self.sample_period if stall is not None else self.idle_period
+                expected = perf_counter() + period
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def _step(self, now: float, stall: _Stall | None, next_merge: float) -> tuple[Any, float]:
+        """One monitor wake-up: the stall, its gaps, the pool, the lag merge."""
+        try:
+            stall = self._check(now, stall)
+            while self._gaps:
+                self._judge(self._gaps.popleft(), stall)
+            # The heartbeat leaves a stall's gap before it beats again, so an
+            # ended stall has been judged by now (or was too short): let its
+            # frames, and the locals they hold, go.
+            self._ended.clear()
+        except Exception as exc:  # a bug here must not end the watch
+            self.agent.internal_error("eventloop.judge", exc)
+            stall = None
+        if self.pool is not None:
+            self.pool.check(now)
+        if now >= next_merge:
+            next_merge = now + 1.0
+            self._merge_lag()
+        return stall, next_merge
 
     def _check(self, now: float, stall: _Stall | None) -> _Stall | None:
         """Starts, continues (one sample) or ends the stall the heartbeat shows."""
@@ -320,12 +436,15 @@ class LoopWatchdog:
         return None
 
     def _judge(self, gap: tuple[float, float, float, float], live: _Stall | None) -> None:
-        start, end, lag, cpu = gap
-        duration = lag + self.interval / 2.0
+        start, end, lag, cpu, queued = gap
+        # The loop thread's wait for a CPU is nobody's block.
+        duration = lag + self.interval / 2.0 - queued
         dead = sum(max(0.0, min(woke, end) - max(due, start)) for due, woke in self._dead)
         # The monitor overslept: a stopped process (no CPU burnt meanwhile) or a
-        # GIL held by busy C code (CPU burnt, if starved only part of the time).
-        paused = dead - cpu if cpu < dead / 2.0 else 0.0
+        # GIL held by busy C code (CPU burnt, or the loop thread waiting for a CPU
+        # to burn it on). What neither explains is time nobody ran.
+        nobody = dead - cpu - queued
+        paused = nobody if nobody > self.oversleep else 0.0
         blocked = duration - paused
         if blocked < self.threshold:
             return

@@ -124,8 +124,8 @@ class Exporter:
         self._dropped_findings = metrics.dropped.labels("findings")
         self._last_total = -1
         self.sent = 0
-        thread.every(0.5, self.flush)
-        thread.every(interval_s, self.export_stats)
+        thread.every(0.5, self.flush, settle=True)
+        thread.every(interval_s, self.export_stats, settle=True)
 
     @property
     def traces_url(self) -> str:
@@ -150,6 +150,10 @@ class Exporter:
         self._findings.append((time.time_ns(), kind, fields, trace_id, span_id))
 
     # -- export thread --------------------------------------------------------
+
+    def quiet(self) -> bool:
+        """Nothing queued: the export thread may rest (after a last ``export_stats``)."""
+        return not self._traces and not self._findings
 
     def _res(self) -> bytes:
         if self._resource is None or self._resource_pid != os.getpid():

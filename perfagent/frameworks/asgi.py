@@ -55,6 +55,14 @@ class RouteTemplates:
         template = self.of(route)
         return record.mount_prefix + template if template else ""
 
+    def forget(self) -> None:
+        """Drops every cached template, as an app builds its stack: the cache holds its
+        routes, and a FastAPI route holds its app, so a test suite making an app per
+        test kept them all alive. A server builds its stacks once; the next requests
+        fill the cache again (the C resolver holds the template it read, not the entry).
+        """
+        self._cache.clear()
+
     def of(self, route: Any) -> str:
         hit = self._cache.get(id(route))
         if hit is not None and hit[0] is route:
@@ -322,6 +330,7 @@ def _stack_builder(agent: Agent, templates: RouteTemplates, original: Any) -> An
         stack = original(self)
         if not agent.running:
             return stack
+        templates.forget()
         return PerfagentASGI(stack, agent, templates, foreign=_has_otel_middleware(stack))
 
     return build_middleware_stack
@@ -369,4 +378,4 @@ class AsgiInstrumentation:
             patch.undo()
             app.middleware_stack = None
 
-        self.agent.apps.append(undo)
+        self.agent.undo_app(app, undo)

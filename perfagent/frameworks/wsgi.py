@@ -45,17 +45,47 @@ def _flask_rule_reader() -> Any:
 
 
 class _Body:
-    """The response iterable, passed through; ``close()`` ends the request's record."""
+    """The response iterable, passed through; the request's record ends when the body
+    is exhausted, when ``close()`` is called, or when the response is collected.
 
-    __slots__ = ("_agent", "_iterable", "_record")
+    PEP 3333 asks servers to call ``close()``, and the duration runs until then.
+    Test clients (Werkzeug's, Flask's) never close: a test reads the body or not
+    and drops the response. Ending at ``StopIteration`` (for a list or tuple body,
+    at its last item, which a client taking ``len`` items never goes past) and,
+    failing that, in ``__del__`` keeps such records from staying in flight for
+    ever (each held its environ; the sampler kept looking at all of them).
+    """
+
+    __slots__ = ("_agent", "_items", "_iterable", "_left", "_record")
 
     def __init__(self, iterable: Any, record: RequestRecord, agent: Agent) -> None:
         self._iterable = iterable
         self._record = record
         self._agent = agent
+        self._items: Any = None
+        #: Items left in a list or tuple body; -1 for any other iterable.
+        self._left = len(iterable) if type(iterable) in (list, tuple) else -1
 
     def __iter__(self) -> Any:
-        return iter(self._iterable)
+        if self._items is None:
+            self._items = iter(self._iterable)
+        return self
+
+    def __next__(self) -> Any:
+        items = self._items
+        if items is None:
+            items = self._items = iter(self._iterable)
+        try:
+            item = next(items)
+        except StopIteration:
+            self._agent.finish(self._record)
+            raise
+        left = self._left
+        if left > 0:
+            self._left = left = left - 1
+            if not left:
+                self._agent.finish(self._record)
+        return item
 
     def close(self) -> None:
         try:
@@ -64,6 +94,15 @@ class _Body:
                 close()
         finally:
             self._agent.finish(self._record)
+
+    def __del__(self) -> None:
+        # Never closed nor exhausted (a test client that dropped the response).
+        try:
+            record = self._record
+            if not record.done:
+                self._agent.finish(record)
+        except Exception:  # at interpreter exit, or a half-made body: nothing to end
+            pass
 
 
 class FlaskInstrumentation:
@@ -199,4 +238,4 @@ class FlaskInstrumentation:
             return serve(app, inner, environ, start_response)
 
         patch = Patch(app, "wsgi_app", wsgi_app)
-        self.agent.apps.append(patch.undo)
+        self.agent.undo_app(app, patch.undo)

@@ -20,6 +20,7 @@ make the route's flame graph.
 from __future__ import annotations
 
 import sys
+from itertools import islice
 from time import perf_counter
 from types import FrameType
 from typing import Any
@@ -29,6 +30,11 @@ from perfagent.record import RequestRecord
 
 MAX_DEPTH = 64
 MAX_STACKS_PER_REQUEST = 200
+#: In-flight entries a tick looks at (newest first) and requests it samples: a tick
+#: costs the same with 10 or 10,000 requests in flight (long polls, streams, or
+#: responses a client never closed).
+MAX_EXAMINED = 256
+MAX_SAMPLED = 32
 
 
 class StackSampler:
@@ -58,15 +64,32 @@ class StackSampler:
         return self._after - (perf_counter() - oldest.start)
 
     def tick(self) -> None:
-        """Agent thread: sample the requests that have been running long enough."""
-        if not self._inflight:
+        """Agent thread: sample the requests that have been running long enough.
+
+        Newest first, at most ``MAX_EXAMINED`` entries and ``MAX_SAMPLED`` samples;
+        of the sync requests of one thread only the newest, the one that thread
+        can be running (an older one's body waits on a client, off its stack).
+        """
+        inflight = self._inflight
+        if not inflight:
+            return
+        try:  # one C call: no request thread runs while the entries are copied
+            newest = list(islice(reversed(inflight.items()), MAX_EXAMINED))
+        except RuntimeError:  # changed meanwhile by a request thread: next tick
             return
         now = perf_counter()
-        due = [
-            (record, where)
-            for record, where in list(self._inflight.items())
-            if record.profile or now - record.start >= self._after
-        ]
+        after = self._after
+        due = []
+        threads_seen = set()
+        for record, where in newest:
+            if where[1] is None:  # a sync request: its thread runs one at a time
+                if where[0] in threads_seen:
+                    continue
+                threads_seen.add(where[0])
+            if record.profile or now - record.start >= after:
+                due.append((record, where))
+                if len(due) >= MAX_SAMPLED:
+                    break
         if not due:
             return
         threads = sys._current_frames()
