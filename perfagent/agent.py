@@ -61,6 +61,8 @@ class Agent:
         #: adapter reads this one attribute per call and calls watch_loop() once.
         self.loop_watch_pending = True
         self.loop_watchdog: Any = None
+        #: Undo of the task factory set on each loop that served requests (db/tasks.py).
+        self._task_factories: list[Callable[[], None]] = []
         self._watch_lock = threading.Lock()
         self._slow_s = settings.slow_ms / 1000.0  # read per request: a plain attribute
         self._slow_routes = {route: ms / 1000.0 for route, ms in settings.slow_routes}
@@ -190,6 +192,9 @@ class Agent:
         for undo in reversed(self.apps):
             undo()
         self.apps.clear()
+        for undo in self._task_factories:
+            undo()
+        self._task_factories.clear()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
@@ -232,9 +237,19 @@ class Agent:
             if not self.running:
                 return
             try:
+                from perfagent.db import tasks
                 from perfagent.detectors.eventloop import watch_running_loop
 
                 self.loop_watchdog = watch_running_loop(self)
+                if self.loop_watchdog is not None:
+                    # Loops closed since (a test client's each) need no undo: let them go.
+                    factories = [u for u in self._task_factories if not u.loop.is_closed()]
+                    factories.append(
+                        tasks.install(
+                            self.loop_watchdog.loop, self.capture.frames, self.internal_error
+                        )
+                    )
+                    self._task_factories = factories
             except Exception as exc:
                 self.internal_error("watch_loop", exc)
 

@@ -40,12 +40,29 @@ ByCode = dict[int, tuple[CodeType, Any]]
 #: App frames of the code that handed a query to another thread (aiosqlite runs
 #: sqlite3 on a thread of its own): used when that thread's stack has none.
 origin: ContextVar[tuple[Site, ...] | None] = ContextVar("perfagent.db_origin", default=None)
+#: App frames of the code that made the running task (AppFrames.spawn), set in the
+#: task's own context: where a walk that found no loop in the task goes on.
+spawned: ContextVar[tuple[Site, ...] | None] = ContextVar("perfagent.db_spawned", default=None)
 MAX_FRAMES = 4
 _CODES_MAX = 16_384  # code objects remembered per cache
 _LIBRARY_BUDGET = 8
 _APP, _LIBRARY, _LAZY_LOAD = 1, 0, 2
-_BACKWARD_JUMPS = frozenset(
-    ("JUMP_BACKWARD", "JUMP_BACKWARD_NO_INTERRUPT", "JUMP_ABSOLUTE", "POP_JUMP_BACKWARD_IF_TRUE")
+_COMPREHENSIONS = frozenset(("<listcomp>", "<setcomp>", "<dictcomp>", "<genexpr>"))
+_JUMPS = frozenset(dis.hasjrel + dis.hasjabs)
+#: Instructions after which control never reaches the next one.
+_NO_FALL_THROUGH = frozenset(
+    (
+        "RETURN_VALUE",
+        "RETURN_CONST",
+        "RAISE_VARARGS",
+        "RERAISE",
+        "JUMP_FORWARD",
+        "JUMP_BACKWARD",
+        "JUMP_BACKWARD_NO_INTERRUPT",
+        "JUMP_ABSOLUTE",
+        "JUMP",
+        "JUMP_NO_INTERRUPT",
+    )
 )
 
 
@@ -83,6 +100,7 @@ class AppFrames:
         #: -> {instruction offset: the answer of a walk that stopped at once} (an app
         #: frame inside a loop: the N+1 shape): such a query costs two dict lookups.
         self.at_loop: ByCode = {}
+        self.spawned = spawned  # read by the C walk (_speedups.c)
         self._shown: dict[str, str] = {}  # file name -> as shown in a callsite
         self._cwd = os.getcwd()
 
@@ -157,6 +175,7 @@ class AppFrames:
         sites: list[Site] = []
         lazy: str | None = None
         budget = _LIBRARY_BUDGET
+        looped = False
         while frame is not None:
             code = frame.f_code
             known = kinds.get(id(code))
@@ -164,7 +183,8 @@ class AppFrames:
             if kind == _APP:
                 offset = frame.f_lasti
                 sites.append((code, offset, frame.f_lineno))
-                if len(sites) >= MAX_FRAMES or self.in_loop(code, offset):
+                looped = self.in_loop(code, offset)
+                if looped or len(sites) >= MAX_FRAMES:
                     break
                 budget = _LIBRARY_BUDGET
             elif kind == _LAZY_LOAD:
@@ -177,15 +197,39 @@ class AppFrames:
             frame = frame.f_back
         if not sites:
             handed = origin.get()
-            sites = list(handed) if handed else self._from_task()
-        elif frame is first and lazy is None and len(sites) == 1:
+            if handed:
+                return tuple(handed), lazy
+            sites = self._from_task()
+            looped = bool(sites) and self.in_loop(sites[-1][0], sites[-1][1])
+        elif frame is first and lazy is None and looped:
             code, offset = sites[0][0], sites[0][1]
             answer = ((sites[0],), None)
             if len(self.at_loop) >= _CODES_MAX:
                 self.at_loop.clear()
             self.at_loop.setdefault(id(code), (code, {}))[1][offset] = answer
             return answer
+        if not looped:
+            made_by = spawned.get()
+            if made_by:  # a task the app made: its maker's line is the loop (spawn())
+                sites = [*sites[: max(1, MAX_FRAMES - len(made_by))], *made_by]
         return tuple(sites), lazy
+
+    def spawn(self, frame: FrameType | None) -> tuple[Site, ...] | None:
+        """The app sites of the code making a task (``asyncio.gather``, ``create_task``,
+        a ``TaskGroup``), for the task's context: a task's stack ends at its own
+        coroutine, so a query in ``gather(*[one(i) for i in ids])`` would be put on
+        ``one``'s line. The call that made the tasks is that fan-out's loop, whether
+        or not it sits in one: its offset is added to its code's loops (a call of
+        the code there runs no query of its own in any case but an eager task's,
+        whose query that call did make). None when no app code made it."""
+        sites, _lazy = self.capture(frame)
+        if not sites:
+            return None
+        code, offset = sites[-1][0], sites[-1][1]
+        if not self.in_loop(code, offset):
+            ranges = self.loops[id(code)][1]
+            self.loops[id(code)] = (code, (*ranges, (offset, offset)))
+        return sites
 
     def _from_task(self) -> list[Site]:
         """App frames of the coroutines the running task is awaiting through (innermost first)."""
@@ -248,18 +292,111 @@ class AppFrames:
 
 
 def _loop_ranges(code: CodeType) -> tuple[tuple[int, int], ...]:
-    if code.co_name in ("<listcomp>", "<setcomp>", "<dictcomp>", "<genexpr>"):
+    """(first, last) instruction offsets of each run of instructions that lie on a
+    cycle of the code's control flow: a loop's body (``for``, ``async for``,
+    ``while``, and from 3.12 an inlined comprehension, PEP 709).
+
+    A cycle, not a backward jump: from 3.11 every ``await`` and ``yield from`` is
+    ``SEND, YIELD_VALUE, JUMP_BACKWARD_NO_INTERRUPT`` back to the ``SEND`` (a
+    resumption, not a repetition: that jump is taken to go where the ``SEND``
+    goes when the awaited is done, so a coroutine suspended in a loop's await
+    is in that loop and one outside any is not), and from 3.12 the
+    exception paths moved to the end of the code jump back to the code after
+    their ``with`` or ``try`` (3.12 with ``JUMP_BACKWARD``, 3.13 with
+    ``JUMP_BACKWARD_NO_INTERRUPT``), which a range from the jump's target to
+    the jump would take for a loop over everything in between. Exception edges
+    count (a handler inside a loop is in the loop; the code after an ``async
+    for`` is reached through one). Read once per code object.
+    """
+    if code.co_name in _COMPREHENSIONS:
         return ((0, len(code.co_code)),)
-    ranges = []
-    for instruction in dis.get_instructions(code):
-        target = instruction.argval
+    instructions = [i for i in dis.get_instructions(code) if i.opname != "CACHE"]
+    if not instructions:
+        return ()
+    index = {instruction.offset: at for at, instruction in enumerate(instructions)}
+    successors: list[list[int]] = [[] for _ in instructions]
+    for at, instruction in enumerate(instructions):
+        name = instruction.opname
+        target = index.get(instruction.argval) if instruction.opcode in _JUMPS else None
         if (
-            instruction.opname in _BACKWARD_JUMPS
-            and isinstance(target, int)
-            and target <= instruction.offset
-        ):
-            ranges.append((target, instruction.offset))
+            target is not None
+            and name == "JUMP_BACKWARD_NO_INTERRUPT"
+            and instructions[target].opname == "SEND"
+        ):  # an await resumed: it goes on where its SEND goes when done
+            target = index.get(instructions[target].argval)
+        if target is not None:
+            successors[at].append(target)
+        if name not in _NO_FALL_THROUGH and at + 1 < len(instructions):
+            successors[at].append(at + 1)
+    for entry in getattr(dis.Bytecode(code), "exception_entries", ()):  # 3.11+
+        handler = index.get(entry.target)
+        if handler is not None:
+            for at in range(index.get(entry.start, len(instructions)), len(instructions)):
+                if instructions[at].offset >= entry.end:
+                    break
+                successors[at].append(handler)
+    cyclic = _on_cycles(successors)
+    ranges: list[tuple[int, int]] = []
+    for at, instruction in enumerate(instructions):
+        if not cyclic[at]:
+            continue
+        if ranges and cyclic[at - 1]:
+            ranges[-1] = (ranges[-1][0], instruction.offset)
+        else:
+            ranges.append((instruction.offset, instruction.offset))
     return tuple(ranges)
+
+
+def _on_cycles(successors: list[list[int]]) -> list[bool]:
+    """Whether each node lies on a cycle: Tarjan's strongly connected components,
+    iterative (a long function must not hit the recursion limit)."""
+    count = len(successors)
+    order = [-1] * count
+    low = [0] * count
+    on_stack = [False] * count
+    cyclic = [False] * count
+    stack: list[int] = []
+    counter = 0
+    for root in range(count):
+        if order[root] >= 0:
+            continue
+        work = [(root, 0)]
+        while work:
+            node, edge = work.pop()
+            if edge == 0:
+                order[node] = low[node] = counter
+                counter += 1
+                stack.append(node)
+                on_stack[node] = True
+            recurse = False
+            edges = successors[node]
+            while edge < len(edges):
+                nxt = edges[edge]
+                edge += 1
+                if order[nxt] < 0:
+                    work.append((node, edge))
+                    work.append((nxt, 0))
+                    recurse = True
+                    break
+                if on_stack[nxt]:
+                    low[node] = min(low[node], order[nxt])
+            if recurse:
+                continue
+            if low[node] == order[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack[member] = False
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1 or node in successors[node]:
+                    for member in component:
+                        cyclic[member] = True
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[node])
+    return cyclic
 
 
 def _lazy_attribute(frame: FrameType) -> str | None:
