@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+import requests
 from helpers import APPS, PERFAGENT, Server, clean_env, free_port
 
 from perfagent.db.callsite import _loop_ranges
@@ -27,13 +28,13 @@ def mark(name: str, module: str) -> str:
     raise LookupError(name)
 
 
-def serve(tmp_path_factory, app: str, compiled: str, command: tuple[str, ...] = ()) -> Server:
+def serve(tmp_path_factory, app: str, compiled: str) -> Server:
+    """``app`` under ``perfagent run -- uvicorn`` (this interpreter's: the test may run
+    in a venv of each Python whose packages the ``uvicorn`` on PATH would not see)."""
     port = free_port()
     db = tmp_path_factory.mktemp("db") / "app.sqlite"
     argv = [*PERFAGENT, "run", "--no-console", "--metrics-port", "0", "--log-format", "json"]
-    argv += ["--", *(command or ("uvicorn", app, "--port", str(port)))]
-    if command:
-        argv += ["--port", str(port)]
+    argv += ["--", sys.executable, "-m", "uvicorn", app, "--port", str(port)]
     env = clean_env(
         DB_PATH=str(db),
         PG_DSN=PG_DSN,
@@ -196,3 +197,45 @@ def test_the_bytecode_tells_loops_from_awaits_withs_and_handlers():
             "q6",
             "q7",
         }
+
+
+# -- APSW (fastlite) ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["1", "0"], ids=["c-hooks", "python-hooks"])
+def fastlite_app(request, tmp_path_factory):
+    server = serve(tmp_path_factory, "fastlite_app:app", request.param)
+    yield server
+    server.stop()
+
+
+def test_fastlites_update_route_is_no_finding(fastlite_app):
+    """Six identical sqlite_master reads and five PRAGMA table_info in one update,
+    no loop: not an N+1 (nor a duplicate: schema introspection is the library's)."""
+    response = requests.post(fastlite_app.base + "/todos/3?title=three", timeout=30)
+    assert response.status_code == 200, (response.text[:500], fastlite_app.output()[-3000:])
+    get(fastlite_app, "/titles")  # logged after: once it is, the update's would be too
+    events(fastlite_app, "/titles")
+    assert events(fastlite_app, "/todos/{tid}", expect=0) == []
+
+
+def test_a_loop_over_apsw_is_one_n_plus_one_at_the_loop_line(fastlite_app):
+    """Each ``todos[tid]`` reads the schema too: one finding for the loop, not three."""
+    before = len(events(fastlite_app, "/titles", expect=0))
+    get(fastlite_app, "/titles")
+    found = events(fastlite_app, "/titles", expect=before + 1)[before:]
+    assert [(e["event"], e["callsite"], e["count"]) for e in found] == [
+        ("n_plus_one", mark("titles", "fastlite_app.py"), 8)
+    ], fastlite_app.output()[-3000:]
+    assert "sqlite_master" not in found[0]["fingerprint"]
+
+
+@pytest.mark.parametrize(("path", "name"), [("/same", "same"), ("/same-bound", "same-bound")])
+def test_identical_apsw_repeats_are_duplicates(fastlite_app, path, name):
+    """APSW's bindings are captured (exec_trace): the same statement with the same
+    bindings (or none) six times is one query repeated, not one per item."""
+    get(fastlite_app, path)
+    found = events(fastlite_app, path)
+    assert [(e["event"], e["callsite"], e["count"]) for e in found] == [
+        ("duplicate_query", mark(name, "fastlite_app.py"), 6)
+    ], fastlite_app.output()[-3000:]

@@ -9,6 +9,7 @@ from N+1s) and the few app frames it came from.
 
 from __future__ import annotations
 
+import re
 from types import FrameType
 from typing import Any, NamedTuple
 
@@ -37,6 +38,12 @@ class Query(NamedTuple):
     #: 'Post.comments' when SQLAlchemy lazy-loaded it.
     lazy: str | None
 
+
+#: The catalogue a database describes itself in: SQLite's schema table (every name
+#: it goes by), the SQL standard's information_schema, PostgreSQL's pg_catalog.
+_INTROSPECTION = re.compile(
+    r"\b(?:sqlite_(?:temp_)?(?:master|schema)\b|information_schema\.|pg_catalog\.)", re.I
+)
 
 try:
     from perfagent._speedups import Query  # type: ignore[assignment]
@@ -74,7 +81,7 @@ class QueryCapture:
         try:
             if sql.__class__ is not str:
                 sql = sql.decode() if isinstance(sql, bytes) else str(sql)
-            shape = self._shapes.get(sql) or self.fingerprints(sql)
+            shape = self._shapes.get(sql) or self._shape(sql)
             sites, lazy = self.frames.capture(caller)
             query = Query(system, sql, shape, params, start, end - start, many, sites, lazy)
             queries = record.queries
@@ -84,3 +91,18 @@ class QueryCapture:
                 queries.append(query)
         except Exception as exc:
             self._on_error("db.capture", exc)
+
+    def _shape(self, sql: str) -> Shape:
+        """The statement's Shape, made once per statement text (the hooks read the cache
+        first); schema introspection is marked ``control`` in the cache, as transaction
+        control is, so that neither grouping (``_repeats``, ``repeats`` in C) makes a
+        finding of it: fastlite reads ``sqlite_master`` and ``PRAGMA table_info`` again
+        before each insert or update it makes, an ORM reflects tables, and none of it is
+        the app's own N+1 or a query the app could run once. Such queries still count
+        (time, queries per request), they are just never reported."""
+        shape = self.fingerprints(sql)
+        if not shape.control and (
+            shape.operation == "PRAGMA" or _INTROSPECTION.search(shape.fingerprint)
+        ):
+            shape = self._shapes[sql] = shape._replace(control=True)
+        return shape
