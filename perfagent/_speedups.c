@@ -435,7 +435,8 @@ walk(SqlHook *self, Cursor first)
             stop = count > 0 && --budget == 0;
         }
         else {
-            ok = 0; /* not classified yet, or a lazy load */
+            ok = 0; /* not classified yet, a lazy load, or a Jinja template's code (whose
+                     * line the Python walk maps to the template's: callsite.py) */
         }
         frame = stop ? NULL : cursor_back(frame);
     }

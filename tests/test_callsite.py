@@ -28,22 +28,26 @@ def mark(name: str, module: str) -> str:
     raise LookupError(name)
 
 
-def serve(tmp_path_factory, app: str, compiled: str) -> Server:
-    """``app`` under ``perfagent run -- uvicorn`` (this interpreter's: the test may run
-    in a venv of each Python whose packages the ``uvicorn`` on PATH would not see)."""
+def serve(tmp_path_factory, app: str, compiled: str, server: str = "uvicorn") -> Server:
+    """``app`` under ``perfagent run -- uvicorn`` (or ``flask run``), this interpreter's:
+    the test may run in a venv of each Python whose packages the ``uvicorn`` on PATH
+    would not see."""
     port = free_port()
     db = tmp_path_factory.mktemp("db") / "app.sqlite"
     argv = [*PERFAGENT, "run", "--no-console", "--metrics-port", "0", "--log-format", "json"]
-    argv += ["--", sys.executable, "-m", "uvicorn", app, "--port", str(port)]
+    if server == "flask":
+        argv += ["--", sys.executable, "-m", "flask", "--app", app, "run", "--port", str(port)]
+    else:
+        argv += ["--", sys.executable, "-m", "uvicorn", app, "--port", str(port)]
     env = clean_env(
         DB_PATH=str(db),
         PG_DSN=PG_DSN,
         PERFAGENT_NPLUSONE_MIN="5",
         PERFAGENT_COMPILED_HOOKS=compiled,
     )
-    server = Server(argv, port, env)
-    server.wait_listening()
-    return server
+    process = Server(argv, port, env)
+    process.wait_listening()
+    return process
 
 
 def events(server: Server, route: str, expect: int = 1, timeout: float = 8.0) -> list[dict]:
@@ -239,3 +243,38 @@ def test_identical_apsw_repeats_are_duplicates(fastlite_app, path, name):
     assert [(e["event"], e["callsite"], e["count"]) for e in found] == [
         ("duplicate_query", mark(name, "fastlite_app.py"), 6)
     ], fastlite_app.output()[-3000:]
+
+
+# -- Jinja templates ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["1", "0"], ids=["c-walk", "python-walk"])
+def jinja_app(request, tmp_path_factory):
+    server = serve(tmp_path_factory, "flask_jinja_app", request.param, server="flask")
+    yield server
+    server.stop()
+
+
+def _string_template_line() -> int:
+    source = (APPS / "flask_jinja_app.py").read_text()
+    return int(source.split("STRING_LAZY_LINE = ")[1].split()[0])
+
+
+@pytest.mark.parametrize(
+    ("path", "callsite"),
+    [
+        ("/authors", mark("file-lazy", "templates/authors.html")),
+        ("/authors-string", f"<template>:{_string_template_line()}"),
+    ],
+)
+def test_a_lazy_load_in_a_template_loop_is_reported_at_the_templates_line(
+    jinja_app, path, callsite
+):
+    """Flask-SQLAlchemy lazy-loads ``author.books`` once per row of a ``{% for %}``:
+    the template's own line, not the line of the module Jinja compiled it to."""
+    get(jinja_app, path)
+    found = events(jinja_app, path)
+    assert [(e["event"], e["callsite"], e["count"]) for e in found] == [
+        ("n_plus_one", callsite, 8)
+    ], jinja_app.output()[-3000:]
+    assert "Author.books" in found[0]["advice"]

@@ -46,7 +46,8 @@ spawned: ContextVar[tuple[Site, ...] | None] = ContextVar("perfagent.db_spawned"
 MAX_FRAMES = 4
 _CODES_MAX = 16_384  # code objects remembered per cache
 _LIBRARY_BUDGET = 8
-_APP, _LIBRARY, _LAZY_LOAD = 1, 0, 2
+_APP, _LIBRARY, _LAZY_LOAD, _TEMPLATE = 1, 0, 2, 3
+_SITE_KINDS = (_APP, _TEMPLATE)  # the code whose lines are call sites
 _COMPREHENSIONS = frozenset(("<listcomp>", "<setcomp>", "<dictcomp>", "<genexpr>"))
 _JUMPS = frozenset(dis.hasjrel + dis.hasjabs)
 #: Instructions after which control never reaches the next one.
@@ -94,7 +95,9 @@ class AppFrames:
     def __init__(self) -> None:
         self._roots = _library_roots()
         self._agent_root = os.path.dirname(os.path.abspath(__file__)).rsplit(os.sep, 1)[0] + os.sep
-        self.kinds: ByCode = {}  # -> _APP, _LIBRARY or _LAZY_LOAD
+        self.kinds: ByCode = {}  # -> _APP, _LIBRARY, _LAZY_LOAD or _TEMPLATE
+        #: -> ((template line, compiled line), ...): a Jinja template's debug_info.
+        self.templates: ByCode = {}
         self._files: dict[str, bool] = {}
         self.loops: ByCode = {}  # -> ((start, end) offsets of each loop body, ...)
         #: -> {instruction offset: the answer of a walk that stopped at once} (an app
@@ -113,8 +116,21 @@ class AppFrames:
         path = os.path.abspath(filename)
         return not (path.startswith(self._roots) or os.path.realpath(path).startswith(self._roots))
 
-    def _classify(self, code: CodeType) -> int:
-        kind = _APP if self._app_path(code.co_filename) else _LIBRARY
+    def _classify(self, code: CodeType, frame: FrameType | None = None) -> int:
+        filename = code.co_filename
+        kind = _APP if self._app_path(filename) else _LIBRARY
+        if not filename.endswith((".py", ".pyw")) and (kind == _APP or filename == "<template>"):
+            # Perhaps a Jinja template's compiled code, whose lines are not the
+            # template's: only its frame can tell (its module's globals hold the
+            # template), so it is not classified without one.
+            if frame is None:
+                return kind
+            template = frame.f_globals.get("__jinja_template__")
+            if template is not None:
+                kind = _TEMPLATE
+                if len(self.templates) >= _CODES_MAX:
+                    self.templates.clear()
+                self.templates[id(code)] = (code, _debug_info(template))
         if (
             kind == _LIBRARY
             and code.co_name == "_load_for_state"
@@ -126,9 +142,9 @@ class AppFrames:
         self.kinds[id(code)] = (code, kind)
         return kind
 
-    def kind(self, code: CodeType) -> int:
+    def kind(self, code: CodeType, frame: FrameType | None = None) -> int:
         known = self.kinds.get(id(code))
-        return known[1] if known is not None else self._classify(code)
+        return known[1] if known is not None else self._classify(code, frame)
 
     def is_app_file(self, filename: str) -> bool:
         """Same answer as for code objects, for places that only kept the file name."""
@@ -179,10 +195,11 @@ class AppFrames:
         while frame is not None:
             code = frame.f_code
             known = kinds.get(id(code))
-            kind = known[1] if known is not None else self._classify(code)
-            if kind == _APP:
+            kind = known[1] if known is not None else self._classify(code, frame)
+            if kind in _SITE_KINDS:
                 offset = frame.f_lasti
-                sites.append((code, offset, frame.f_lineno))
+                line = frame.f_lineno if kind == _APP else self._template_line(code, frame)
+                sites.append((code, offset, line))
                 looped = self.in_loop(code, offset)
                 if looped or len(sites) >= MAX_FRAMES:
                     break
@@ -249,14 +266,28 @@ class AppFrames:
             if frame is None:
                 break
             code = frame.f_code
-            if self.kind(code) == _APP:
-                chain.append((code, frame.f_lasti, frame.f_lineno))
+            kind = self.kind(code, frame)
+            if kind in _SITE_KINDS:
+                line = frame.f_lineno if kind == _APP else self._template_line(code, frame)
+                chain.append((code, frame.f_lasti, line))
             awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
         chain.reverse()
         return chain[:MAX_FRAMES]
 
     def is_app(self, code: CodeType) -> bool:
-        return self.kind(code) == _APP
+        return self.kind(code) in _SITE_KINDS
+
+    def _template_line(self, code: CodeType, frame: FrameType) -> int:
+        """The template's own line of a frame running its compiled code (as Jinja's
+        ``Template.get_corresponding_lineno``, from the pairs read once per code)."""
+        known = self.templates.get(id(code))
+        lineno = frame.f_lineno
+        if known is None:
+            return lineno
+        for template_line, code_line in known[1]:  # the last pair first
+            if code_line <= lineno:
+                return template_line
+        return 1
 
     def is_agent(self, code: CodeType) -> bool:
         return self.is_agent_file(code.co_filename)
@@ -397,6 +428,14 @@ def _on_cycles(successors: list[list[int]]) -> list[bool]:
                 parent = work[-1][0]
                 low[parent] = min(low[parent], low[node])
     return cyclic
+
+
+def _debug_info(template: Any) -> tuple[tuple[int, int], ...]:
+    """A Jinja template's (template line, compiled line) pairs, the last first."""
+    try:
+        return tuple(reversed(template.debug_info))
+    except Exception:
+        return ()
 
 
 def _lazy_attribute(frame: FrameType) -> str | None:

@@ -176,7 +176,7 @@ def orm_lazy():
 def orm_template():
     with Session(engine) as session:
         posts = session.scalars(select(Post)).all()
-        return len(TEMPLATE.render(posts=posts))  # MARK template
+        return len(TEMPLATE.render(posts=posts))
 
 
 @app.get("/orm/selectin")
