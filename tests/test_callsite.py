@@ -15,7 +15,7 @@ import pytest
 import requests
 from helpers import APPS, PERFAGENT, Server, clean_env, free_port
 
-from perfagent.db.callsite import _loop_ranges
+from perfagent.db.loops import loop_ranges
 
 PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -166,7 +166,7 @@ def _calls_in_loops(code) -> dict[str, bool]:
 
     found: dict[str, bool] = {}
     for inner in [code, *(c for c in code.co_consts if hasattr(c, "co_code"))]:
-        ranges = _loop_ranges(inner)
+        ranges = loop_ranges(inner)
         names: list[str] = []  # loaded, not called yet (q6's arguments call qe first)
         for instruction in dis.get_instructions(inner):
             opname = instruction.opname

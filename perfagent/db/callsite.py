@@ -20,18 +20,24 @@ reported at the view's loop line. Without a loop, the innermost app frame.
 SQLAlchemy's asyncio layer runs the driver in a greenlet whose stack does not
 reach the app's coroutine; there the running task's chain of awaiting
 coroutines is walked instead. Drivers that run queries on a thread of their
-own (aiosqlite) hand the caller's frames over in ``origin``.
+own (aiosqlite) hand the caller's frames over in ``origin``; a task the app
+made (``asyncio.gather``) carries its maker's in ``spawned`` (db/tasks.py).
+
+A Jinja template's compiled code is the app's (when its file is, and for a
+string template): its sites carry the template's own line, not the compiled
+module's (``_template_line``).
 """
 
 from __future__ import annotations
 
-import dis
 import os
 import sys
 import sysconfig
 from contextvars import ContextVar
 from types import CodeType, FrameType
 from typing import Any
+
+from perfagent.db.loops import loop_ranges
 
 Site = tuple[CodeType, int, int]  # code, instruction offset, line
 #: id(code) -> (code, what is known of it): the code is held so its id stays its own.
@@ -48,23 +54,6 @@ _CODES_MAX = 16_384  # code objects remembered per cache
 _LIBRARY_BUDGET = 8
 _APP, _LIBRARY, _LAZY_LOAD, _TEMPLATE = 1, 0, 2, 3
 _SITE_KINDS = (_APP, _TEMPLATE)  # the code whose lines are call sites
-_COMPREHENSIONS = frozenset(("<listcomp>", "<setcomp>", "<dictcomp>", "<genexpr>"))
-_JUMPS = frozenset(dis.hasjrel + dis.hasjabs)
-#: Instructions after which control never reaches the next one.
-_NO_FALL_THROUGH = frozenset(
-    (
-        "RETURN_VALUE",
-        "RETURN_CONST",
-        "RAISE_VARARGS",
-        "RERAISE",
-        "JUMP_FORWARD",
-        "JUMP_BACKWARD",
-        "JUMP_BACKWARD_NO_INTERRUPT",
-        "JUMP_ABSOLUTE",
-        "JUMP",
-        "JUMP_NO_INTERRUPT",
-    )
-)
 
 
 def _library_roots() -> tuple[str, ...]:
@@ -297,7 +286,7 @@ class AppFrames:
         if known is None:
             if len(self.loops) >= _CODES_MAX:
                 self.loops.clear()
-            known = self.loops[id(code)] = (code, _loop_ranges(code))
+            known = self.loops[id(code)] = (code, loop_ranges(code))
         for start, end in known[1]:  # noqa: SIM110 - a plain loop beats any() with a generator
             if start <= offset <= end:
                 return True
@@ -320,114 +309,6 @@ class AppFrames:
                 self._shown.clear()
             shown = self._shown[filename] = self.show(filename)
         return f"{shown}:{chosen[2]}"
-
-
-def _loop_ranges(code: CodeType) -> tuple[tuple[int, int], ...]:
-    """(first, last) instruction offsets of each run of instructions that lie on a
-    cycle of the code's control flow: a loop's body (``for``, ``async for``,
-    ``while``, and from 3.12 an inlined comprehension, PEP 709).
-
-    A cycle, not a backward jump: from 3.11 every ``await`` and ``yield from`` is
-    ``SEND, YIELD_VALUE, JUMP_BACKWARD_NO_INTERRUPT`` back to the ``SEND`` (a
-    resumption, not a repetition: that jump is taken to go where the ``SEND``
-    goes when the awaited is done, so a coroutine suspended in a loop's await
-    is in that loop and one outside any is not), and from 3.12 the
-    exception paths moved to the end of the code jump back to the code after
-    their ``with`` or ``try`` (3.12 with ``JUMP_BACKWARD``, 3.13 with
-    ``JUMP_BACKWARD_NO_INTERRUPT``), which a range from the jump's target to
-    the jump would take for a loop over everything in between. Exception edges
-    count (a handler inside a loop is in the loop; the code after an ``async
-    for`` is reached through one). Read once per code object.
-    """
-    if code.co_name in _COMPREHENSIONS:
-        return ((0, len(code.co_code)),)
-    instructions = [i for i in dis.get_instructions(code) if i.opname != "CACHE"]
-    if not instructions:
-        return ()
-    index = {instruction.offset: at for at, instruction in enumerate(instructions)}
-    successors: list[list[int]] = [[] for _ in instructions]
-    for at, instruction in enumerate(instructions):
-        name = instruction.opname
-        target = index.get(instruction.argval) if instruction.opcode in _JUMPS else None
-        if (
-            target is not None
-            and name == "JUMP_BACKWARD_NO_INTERRUPT"
-            and instructions[target].opname == "SEND"
-        ):  # an await resumed: it goes on where its SEND goes when done
-            target = index.get(instructions[target].argval)
-        if target is not None:
-            successors[at].append(target)
-        if name not in _NO_FALL_THROUGH and at + 1 < len(instructions):
-            successors[at].append(at + 1)
-    for entry in getattr(dis.Bytecode(code), "exception_entries", ()):  # 3.11+
-        handler = index.get(entry.target)
-        if handler is not None:
-            for at in range(index.get(entry.start, len(instructions)), len(instructions)):
-                if instructions[at].offset >= entry.end:
-                    break
-                successors[at].append(handler)
-    cyclic = _on_cycles(successors)
-    ranges: list[tuple[int, int]] = []
-    for at, instruction in enumerate(instructions):
-        if not cyclic[at]:
-            continue
-        if ranges and cyclic[at - 1]:
-            ranges[-1] = (ranges[-1][0], instruction.offset)
-        else:
-            ranges.append((instruction.offset, instruction.offset))
-    return tuple(ranges)
-
-
-def _on_cycles(successors: list[list[int]]) -> list[bool]:
-    """Whether each node lies on a cycle: Tarjan's strongly connected components,
-    iterative (a long function must not hit the recursion limit)."""
-    count = len(successors)
-    order = [-1] * count
-    low = [0] * count
-    on_stack = [False] * count
-    cyclic = [False] * count
-    stack: list[int] = []
-    counter = 0
-    for root in range(count):
-        if order[root] >= 0:
-            continue
-        work = [(root, 0)]
-        while work:
-            node, edge = work.pop()
-            if edge == 0:
-                order[node] = low[node] = counter
-                counter += 1
-                stack.append(node)
-                on_stack[node] = True
-            recurse = False
-            edges = successors[node]
-            while edge < len(edges):
-                nxt = edges[edge]
-                edge += 1
-                if order[nxt] < 0:
-                    work.append((node, edge))
-                    work.append((nxt, 0))
-                    recurse = True
-                    break
-                if on_stack[nxt]:
-                    low[node] = min(low[node], order[nxt])
-            if recurse:
-                continue
-            if low[node] == order[node]:
-                component = []
-                while True:
-                    member = stack.pop()
-                    on_stack[member] = False
-                    component.append(member)
-                    if member == node:
-                        break
-                if len(component) > 1 or node in successors[node]:
-                    for member in component:
-                        cyclic[member] = True
-            if work:
-                parent = work[-1][0]
-                low[parent] = min(low[parent], low[node])
-    return cyclic
 
 
 def _debug_info(template: Any) -> tuple[tuple[int, int], ...]:
