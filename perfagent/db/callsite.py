@@ -107,7 +107,7 @@ class AppFrames:
 
     def _classify(self, code: CodeType, frame: FrameType | None = None) -> int:
         filename = code.co_filename
-        kind = _APP if self._app_path(filename) else _LIBRARY
+        kind = _APP if self.is_app_file(filename) else _LIBRARY
         if not filename.endswith((".py", ".pyw")) and (kind == _APP or filename == "<template>"):
             # Perhaps a Jinja template's compiled code, whose lines are not the
             # template's: only its frame can tell (its module's globals hold the
