@@ -112,6 +112,14 @@ def test_async_repeats_are_reported_at_the_loop_line(async_app, path, name):
     ], async_app.output()[-3000:]
 
 
+def test_a_task_a_library_makes_is_no_loop(async_app):
+    """Starlette's BaseHTTPMiddleware (under the app's own middleware) runs the view
+    in a task anyio makes: the same query from five lines of the view stays five
+    places, none of them a repeat, not one repeat at the middleware's line."""
+    get(async_app, "/orm/five-lines")
+    assert events(async_app, "/orm/five-lines", expect=0) == []
+
+
 # -- what the bytecode says is a loop, on the running Python ------------------------
 
 SOURCE = """

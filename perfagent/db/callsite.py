@@ -94,6 +94,7 @@ class AppFrames:
         self.at_loop: ByCode = {}
         self.spawned = spawned  # read by the C walk (_speedups.c)
         self._shown: dict[str, str] = {}  # file name -> as shown in a callsite
+        self._asyncio_files: str | None = None  # asyncio's folder, once a task is made
         self._cwd = os.getcwd()
 
     def _app_path(self, filename: str) -> bool:
@@ -227,7 +228,23 @@ class AppFrames:
         ``one``'s line. The call that made the tasks is that fan-out's loop, whether
         or not it sits in one: its offset is added to its code's loops (a call of
         the code there runs no query of its own in any case but an eager task's,
-        whose query that call did make). None when no app code made it."""
+        whose query that call did make). None when no app code made it.
+
+        Only the app's own call of asyncio counts: a task that a library makes
+        for itself (anyio's task group under Starlette's BaseHTTPMiddleware, a
+        streaming response) runs the app's view as one unit, and an app
+        middleware above it is no loop over its queries.
+        """
+        asyncio_files = self._asyncio_files
+        if asyncio_files is None:
+            module = sys.modules.get("asyncio")
+            if module is None or not module.__file__:
+                return None
+            asyncio_files = self._asyncio_files = os.path.dirname(module.__file__) + os.sep
+        while frame is not None and frame.f_code.co_filename.startswith(asyncio_files):
+            frame = frame.f_back  # create_task, gather, TaskGroup.create_task, ...
+        if frame is None or self.kind(frame.f_code, frame) not in _SITE_KINDS:
+            return None
         sites, _lazy = self.capture(frame)
         if not sites:
             return None
