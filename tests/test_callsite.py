@@ -1,8 +1,12 @@
-"""The line an N+1 is reported at: the loop's, in async code and comprehensions too.
+"""The line an N+1 is reported at, and what is none.
 
-Real apps under ``perfagent run`` with uvicorn, real SQLite (and PostgreSQL where it
-answers), each served twice: with the C walk of the call site and with the Python
-one (``PERFAGENT_COMPILED_HOOKS=0``); both must name the same line.
+The loop's line, in async code (loops over awaited helpers, ``async for``,
+``while``), comprehensions and tasks the app gathers too; a Jinja template's own
+line; APSW's identical repeats are duplicates and fastlite's schema reads no finding.
+Real apps under ``perfagent run`` (uvicorn, ``flask run``), real SQLite (and
+PostgreSQL where it answers), each served twice: with the C hooks and walk of the
+call site and with the Python ones (``PERFAGENT_COMPILED_HOOKS=0``); both must give
+the same answer.
 """
 
 from __future__ import annotations
@@ -46,7 +50,11 @@ def serve(tmp_path_factory, app: str, compiled: str, server: str = "uvicorn") ->
         PERFAGENT_COMPILED_HOOKS=compiled,
     )
     process = Server(argv, port, env)
-    process.wait_listening()
+    try:
+        process.wait_listening()
+    except AssertionError:
+        process.stop()
+        raise
     return process
 
 
