@@ -98,6 +98,7 @@ typedef struct {
     PyObject *kinds;        /* -> APP, LIBRARY or LAZY_LOAD */
     PyObject *loops;        /* -> ((start, end) offsets of each loop body, ...) */
     PyObject *at_loop;      /* -> {offset: (sites, lazy)} of walks that stopped at once */
+    PyObject *spawned;      /* callsite.spawned, the ContextVar of a task's maker's sites */
     int many;
     /* The last answers of ``cached_sites``, by caller code and offset: a query in a
      * loop comes from the same place again and again, and these spare the two
@@ -410,7 +411,7 @@ static PyObject *
 walk(SqlHook *self, Cursor first)
 {
     PyObject *sites[MAX_FRAMES];
-    int count = 0, budget = LIBRARY_BUDGET, ok = 1, at_once = 0;
+    int count = 0, budget = LIBRARY_BUDGET, ok = 1, at_once = 0, looped = 0;
     Cursor frame = first;
     while (frame != NULL && ok) {
         PyCodeObject *code = cursor_code(frame);
@@ -424,7 +425,8 @@ walk(SqlHook *self, Cursor first)
             }
             else {
                 sites[count++] = Py_NewRef(site);
-                stop = count >= MAX_FRAMES || loop == 1;
+                looped = loop == 1;
+                stop = count >= MAX_FRAMES || looped;
                 at_once = stop && frame == first;
                 budget = LIBRARY_BUDGET;
             }
@@ -433,9 +435,19 @@ walk(SqlHook *self, Cursor first)
             stop = count > 0 && --budget == 0;
         }
         else {
-            ok = 0; /* not classified yet, or a lazy load */
+            ok = 0; /* not classified yet, a lazy load, or a Jinja template's code (whose
+                     * line the Python walk maps to the template's: callsite.py) */
         }
         frame = stop ? NULL : cursor_back(frame);
+    }
+    /* No loop in a task the app made (asyncio.gather): the walk goes on at its
+     * maker's sites, in the task's context (callsite.spawned; AppFrames.capture). */
+    if (ok && count > 0 && !looped && self->spawned != NULL) {
+        PyObject *made_by = NULL;
+        if (PyContextVar_Get(self->spawned, NULL, &made_by) < 0 || made_by != Py_None) {
+            ok = 0;
+        }
+        Py_XDECREF(made_by);
     }
     PyObject *result = NULL;
     if (ok && count > 0 && !at_once) {
@@ -873,6 +885,11 @@ SqlHook_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->kinds = caches[0];
     self->loops = caches[1];
     self->at_loop = caches[2];
+    self->spawned = PyObject_GetAttrString(frames, "spawned");
+    if (self->spawned != NULL && !PyContextVar_CheckExact(self->spawned)) {
+        Py_CLEAR(self->spawned);
+    }
+    PyErr_Clear(); /* no spawned: tasks' walks end at their own frames */
     self->vectorcall = SqlHook_vectorcall;
     self->run = Py_NewRef(run);
     self->make_cursor = make_cursor == Py_None ? NULL : Py_NewRef(make_cursor);
@@ -890,7 +907,7 @@ SqlHook_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 /* Every object a hook holds (the site cache's too), for traverse and clear. */
 #define SQLHOOK_OBJECTS(X)                                                                   \
     X(run) X(make_cursor) X(cursor_class) X(system) X(no_params) X(current) X(perf_counter) \
-    X(slow_add) X(shapes) X(kinds) X(loops) X(at_loop)                                     \
+    X(slow_add) X(shapes) X(kinds) X(loops) X(at_loop) X(spawned)                          \
     for (int i = 0; i < SITE_CACHE; i++) {                                                  \
         X(recent[i].code) X(recent[i].answer)                                               \
     }                                                                                       \

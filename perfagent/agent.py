@@ -67,6 +67,8 @@ class Agent:
         #: call and calls watch_loop() then (starts one, or re-arms it).
         self.loop_watch_pending = True
         self.loop_watchdog: Any = None
+        #: Undo of the task factory set on each loop that served requests (db/tasks.py).
+        self._task_factories: list[Callable[[], None]] = []
         self._watch_lock = threading.Lock()
         self._slow_s = settings.slow_ms / 1000.0  # read per request: a plain attribute
         self._slow_routes = {route: ms / 1000.0 for route, ms in settings.slow_routes}
@@ -210,6 +212,9 @@ class Agent:
             for undo in reversed(app.__dict__.pop(_UNDO, [])):
                 undo()
         self._apps = weakref.WeakSet()
+        for undo in self._task_factories:
+            undo()
+        self._task_factories.clear()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
@@ -275,9 +280,19 @@ class Agent:
                 if watchdog is not None and watchdog.rearm():  # idle since the last request
                     return
                 old, self.loop_watchdog = watchdog, None
+                from perfagent.db import tasks
                 from perfagent.detectors.eventloop import watch_running_loop
 
                 self.loop_watchdog = watch_running_loop(self)
+                if self.loop_watchdog is not None:
+                    # Loops closed since (a test client's each) need no undo: let them go.
+                    factories = [u for u in self._task_factories if not u.loop.is_closed()]
+                    factories.append(
+                        tasks.install(
+                            self.loop_watchdog.loop, self.capture.frames, self.internal_error
+                        )
+                    )
+                    self._task_factories = factories
         except Exception as exc:
             self.internal_error("watch_loop", exc)
         if old is not None:  # it watched a loop that no longer serves (outside the lock:

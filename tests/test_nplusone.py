@@ -120,7 +120,8 @@ def get(server: Server, path: str):
             "SELECT title FROM post WHERE id=?",
         ),
         ("/orm/lazy", "n_plus_one", 10, mark("lazy"), None),
-        ("/orm/template", "n_plus_one", 10, mark("template"), None),
+        # A string template (from_string): its own line, named as Jinja names it.
+        ("/orm/template", "n_plus_one", 10, "<template>:1", None),
         ("/async/gather", "n_plus_one", 10, mark("gather"), None),
         ("/apsw/nplusone", "n_plus_one", 10, mark("apsw"), "SELECT * FROM comment WHERE post_id=?"),
     ],

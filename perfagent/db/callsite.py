@@ -20,18 +20,24 @@ reported at the view's loop line. Without a loop, the innermost app frame.
 SQLAlchemy's asyncio layer runs the driver in a greenlet whose stack does not
 reach the app's coroutine; there the running task's chain of awaiting
 coroutines is walked instead. Drivers that run queries on a thread of their
-own (aiosqlite) hand the caller's frames over in ``origin``.
+own (aiosqlite) hand the caller's frames over in ``origin``; a task the app
+made (``asyncio.gather``) carries its maker's in ``spawned`` (db/tasks.py).
+
+A Jinja template's compiled code is the app's (when its file is, and for a
+string template): its sites carry the template's own line, not the compiled
+module's (``_template_line``).
 """
 
 from __future__ import annotations
 
-import dis
 import os
 import sys
 import sysconfig
 from contextvars import ContextVar
 from types import CodeType, FrameType
 from typing import Any
+
+from perfagent.db.loops import loop_ranges
 
 Site = tuple[CodeType, int, int]  # code, instruction offset, line
 #: id(code) -> (code, what is known of it): the code is held so its id stays its own.
@@ -40,13 +46,14 @@ ByCode = dict[int, tuple[CodeType, Any]]
 #: App frames of the code that handed a query to another thread (aiosqlite runs
 #: sqlite3 on a thread of its own): used when that thread's stack has none.
 origin: ContextVar[tuple[Site, ...] | None] = ContextVar("perfagent.db_origin", default=None)
+#: App frames of the code that made the running task (AppFrames.spawn), set in the
+#: task's own context: where a walk that found no loop in the task goes on.
+spawned: ContextVar[tuple[Site, ...] | None] = ContextVar("perfagent.db_spawned", default=None)
 MAX_FRAMES = 4
 _CODES_MAX = 16_384  # code objects remembered per cache
 _LIBRARY_BUDGET = 8
-_APP, _LIBRARY, _LAZY_LOAD = 1, 0, 2
-_BACKWARD_JUMPS = frozenset(
-    ("JUMP_BACKWARD", "JUMP_BACKWARD_NO_INTERRUPT", "JUMP_ABSOLUTE", "POP_JUMP_BACKWARD_IF_TRUE")
-)
+_APP, _LIBRARY, _LAZY_LOAD, _TEMPLATE = 1, 0, 2, 3
+_SITE_KINDS = (_APP, _TEMPLATE)  # the code whose lines are call sites
 
 
 def _library_roots() -> tuple[str, ...]:
@@ -77,13 +84,17 @@ class AppFrames:
     def __init__(self) -> None:
         self._roots = _library_roots()
         self._agent_root = os.path.dirname(os.path.abspath(__file__)).rsplit(os.sep, 1)[0] + os.sep
-        self.kinds: ByCode = {}  # -> _APP, _LIBRARY or _LAZY_LOAD
+        self.kinds: ByCode = {}  # -> _APP, _LIBRARY, _LAZY_LOAD or _TEMPLATE
+        #: -> ((template line, compiled line), ...): a Jinja template's debug_info.
+        self.templates: ByCode = {}
         self._files: dict[str, bool] = {}
         self.loops: ByCode = {}  # -> ((start, end) offsets of each loop body, ...)
         #: -> {instruction offset: the answer of a walk that stopped at once} (an app
         #: frame inside a loop: the N+1 shape): such a query costs two dict lookups.
         self.at_loop: ByCode = {}
+        self.spawned = spawned  # read by the C walk (_speedups.c)
         self._shown: dict[str, str] = {}  # file name -> as shown in a callsite
+        self._asyncio_files: str | None = None  # asyncio's folder, once a task is made
         self._cwd = os.getcwd()
 
     def _app_path(self, filename: str) -> bool:
@@ -95,8 +106,21 @@ class AppFrames:
         path = os.path.abspath(filename)
         return not (path.startswith(self._roots) or os.path.realpath(path).startswith(self._roots))
 
-    def _classify(self, code: CodeType) -> int:
-        kind = _APP if self._app_path(code.co_filename) else _LIBRARY
+    def _classify(self, code: CodeType, frame: FrameType | None = None) -> int:
+        filename = code.co_filename
+        kind = _APP if self.is_app_file(filename) else _LIBRARY
+        if not filename.endswith((".py", ".pyw")) and (kind == _APP or filename == "<template>"):
+            # Perhaps a Jinja template's compiled code, whose lines are not the
+            # template's: only its frame can tell (its module's globals hold the
+            # template), so it is not classified without one.
+            if frame is None:
+                return kind
+            template = frame.f_globals.get("__jinja_template__")
+            if template is not None:
+                kind = _TEMPLATE
+                if len(self.templates) >= _CODES_MAX:
+                    self.templates.clear()
+                self.templates[id(code)] = (code, _debug_info(template))
         if (
             kind == _LIBRARY
             and code.co_name == "_load_for_state"
@@ -108,9 +132,9 @@ class AppFrames:
         self.kinds[id(code)] = (code, kind)
         return kind
 
-    def kind(self, code: CodeType) -> int:
+    def kind(self, code: CodeType, frame: FrameType | None = None) -> int:
         known = self.kinds.get(id(code))
-        return known[1] if known is not None else self._classify(code)
+        return known[1] if known is not None else self._classify(code, frame)
 
     def is_app_file(self, filename: str) -> bool:
         """Same answer as for code objects, for places that only kept the file name."""
@@ -157,14 +181,17 @@ class AppFrames:
         sites: list[Site] = []
         lazy: str | None = None
         budget = _LIBRARY_BUDGET
+        looped = False
         while frame is not None:
             code = frame.f_code
             known = kinds.get(id(code))
-            kind = known[1] if known is not None else self._classify(code)
-            if kind == _APP:
+            kind = known[1] if known is not None else self._classify(code, frame)
+            if kind in _SITE_KINDS:
                 offset = frame.f_lasti
-                sites.append((code, offset, frame.f_lineno))
-                if len(sites) >= MAX_FRAMES or self.in_loop(code, offset):
+                line = frame.f_lineno if kind == _APP else self._template_line(code, frame)
+                sites.append((code, offset, line))
+                looped = self.in_loop(code, offset)
+                if looped or len(sites) >= MAX_FRAMES:
                     break
                 budget = _LIBRARY_BUDGET
             elif kind == _LAZY_LOAD:
@@ -177,15 +204,55 @@ class AppFrames:
             frame = frame.f_back
         if not sites:
             handed = origin.get()
-            sites = list(handed) if handed else self._from_task()
-        elif frame is first and lazy is None and len(sites) == 1:
+            if handed:
+                return tuple(handed), lazy
+            sites = self._from_task()
+            looped = bool(sites) and self.in_loop(sites[-1][0], sites[-1][1])
+        elif frame is first and lazy is None and looped:
             code, offset = sites[0][0], sites[0][1]
             answer = ((sites[0],), None)
             if len(self.at_loop) >= _CODES_MAX:
                 self.at_loop.clear()
             self.at_loop.setdefault(id(code), (code, {}))[1][offset] = answer
             return answer
+        if not looped:
+            made_by = spawned.get()
+            if made_by:  # a task the app made: its maker's line is the loop (spawn())
+                sites = [*sites[: max(1, MAX_FRAMES - len(made_by))], *made_by]
         return tuple(sites), lazy
+
+    def spawn(self, frame: FrameType | None) -> tuple[Site, ...] | None:
+        """The app sites of the code making a task (``asyncio.gather``, ``create_task``,
+        a ``TaskGroup``), for the task's context: a task's stack ends at its own
+        coroutine, so a query in ``gather(*[one(i) for i in ids])`` would be put on
+        ``one``'s line. The call that made the tasks is that fan-out's loop, whether
+        or not it sits in one: its offset is added to its code's loops (a call of
+        the code there runs no query of its own in any case but an eager task's,
+        whose query that call did make). None when no app code made it.
+
+        Only the app's own call of asyncio counts: a task that a library makes
+        for itself (anyio's task group under Starlette's BaseHTTPMiddleware, a
+        streaming response) runs the app's view as one unit, and an app
+        middleware above it is no loop over its queries.
+        """
+        asyncio_files = self._asyncio_files
+        if asyncio_files is None:
+            module = sys.modules.get("asyncio")
+            if module is None or not module.__file__:
+                return None
+            asyncio_files = self._asyncio_files = os.path.dirname(module.__file__) + os.sep
+        while frame is not None and frame.f_code.co_filename.startswith(asyncio_files):
+            frame = frame.f_back  # create_task, gather, TaskGroup.create_task, ...
+        if frame is None or self.kind(frame.f_code, frame) not in _SITE_KINDS:
+            return None
+        sites, _lazy = self.capture(frame)
+        if not sites:
+            return None
+        code, offset = sites[-1][0], sites[-1][1]
+        if not self.in_loop(code, offset):
+            ranges = self.loops[id(code)][1]
+            self.loops[id(code)] = (code, (*ranges, (offset, offset)))
+        return sites
 
     def _from_task(self) -> list[Site]:
         """App frames of the coroutines the running task is awaiting through (innermost first)."""
@@ -205,14 +272,28 @@ class AppFrames:
             if frame is None:
                 break
             code = frame.f_code
-            if self.kind(code) == _APP:
-                chain.append((code, frame.f_lasti, frame.f_lineno))
+            kind = self.kind(code, frame)
+            if kind in _SITE_KINDS:
+                line = frame.f_lineno if kind == _APP else self._template_line(code, frame)
+                chain.append((code, frame.f_lasti, line))
             awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
         chain.reverse()
         return chain[:MAX_FRAMES]
 
     def is_app(self, code: CodeType) -> bool:
-        return self.kind(code) == _APP
+        return self.kind(code) in _SITE_KINDS
+
+    def _template_line(self, code: CodeType, frame: FrameType) -> int:
+        """The template's own line of a frame running its compiled code (as Jinja's
+        ``Template.get_corresponding_lineno``, from the pairs read once per code)."""
+        known = self.templates.get(id(code))
+        lineno = frame.f_lineno
+        if known is None:
+            return lineno
+        for template_line, code_line in known[1]:  # the last pair first
+            if code_line <= lineno:
+                return template_line
+        return 1
 
     def is_agent(self, code: CodeType) -> bool:
         return self.is_agent_file(code.co_filename)
@@ -222,7 +303,7 @@ class AppFrames:
         if known is None:
             if len(self.loops) >= _CODES_MAX:
                 self.loops.clear()
-            known = self.loops[id(code)] = (code, _loop_ranges(code))
+            known = self.loops[id(code)] = (code, loop_ranges(code))
         for start, end in known[1]:  # noqa: SIM110 - a plain loop beats any() with a generator
             if start <= offset <= end:
                 return True
@@ -247,19 +328,12 @@ class AppFrames:
         return f"{shown}:{chosen[2]}"
 
 
-def _loop_ranges(code: CodeType) -> tuple[tuple[int, int], ...]:
-    if code.co_name in ("<listcomp>", "<setcomp>", "<dictcomp>", "<genexpr>"):
-        return ((0, len(code.co_code)),)
-    ranges = []
-    for instruction in dis.get_instructions(code):
-        target = instruction.argval
-        if (
-            instruction.opname in _BACKWARD_JUMPS
-            and isinstance(target, int)
-            and target <= instruction.offset
-        ):
-            ranges.append((target, instruction.offset))
-    return tuple(ranges)
+def _debug_info(template: Any) -> tuple[tuple[int, int], ...]:
+    """A Jinja template's (template line, compiled line) pairs, the last first."""
+    try:
+        return tuple(reversed(template.debug_info))
+    except Exception:
+        return ()
 
 
 def _lazy_attribute(frame: FrameType) -> str | None:

@@ -38,6 +38,8 @@ class Query(NamedTuple):
     lazy: str | None
 
 
+#: The catalogue a database describes itself in: SQLite's schema table (every name
+#: it goes by), the SQL standard's information_schema, PostgreSQL's pg_catalog.
 try:
     from perfagent._speedups import Query  # type: ignore[assignment]
 except ImportError:

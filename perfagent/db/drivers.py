@@ -339,30 +339,50 @@ class _ApswHook:
 
     SQLite's own profile time has millisecond resolution on common builds, so
     the statement's start (SQLITE_TRACE_STMT) and end (SQLITE_TRACE_PROFILE)
-    are timed here with ``perf_counter``.
+    are timed here with ``perf_counter``. The trace carries no bindings: the
+    connection's ``exec_trace``, which APSW calls with them just before the
+    statement's first step (so just before its STMT event), leaves them for the
+    STMT event to take, as sqlite3's hook records its parameters; without them
+    six identical statements would look like one per item (an N+1), not one
+    repeated (a duplicate). A connection whose ``exec_trace`` was set before
+    (or is set later by the app) keeps it, and its statements' bindings stay
+    unknown (None).
     """
 
     def __init__(self, module: ModuleType, capture: QueryCapture) -> None:
         self._module = module
         self._capture = capture
-        self._started: dict[Any, float] = {}
+        self._started: dict[Any, tuple[float, Any]] = {}
+        #: id(connection) -> bindings of the statement about to start on it.
+        self._bindings: dict[int, Any] = {}
 
     def __call__(self, connection: Any) -> None:
         mask = self._module.SQLITE_TRACE_STMT | self._module.SQLITE_TRACE_PROFILE
         connection.trace_v2(mask, self._trace, id=self)
+        if connection.exec_trace is None:
+            connection.exec_trace = self._exec_trace
+
+    def _exec_trace(self, cursor: Any, sql: str, bindings: Any) -> bool:
+        if len(self._bindings) < 10_000:  # bounded even if a STMT never comes
+            record = current.get()
+            if record is not None and not record.done:
+                self._bindings[id(cursor.connection)] = () if bindings is None else bindings
+        return True  # go on with the statement
 
     def _trace(self, event: dict) -> None:
         record = current.get()
         if record is None or record.done or event.get("trigger"):
             return
-        key = (id(event.get("connection")), event["id"])
+        connection = id(event.get("connection"))
+        key = (connection, event["id"])
         if event["code"] == self._module.SQLITE_TRACE_STMT:
+            bindings = self._bindings.pop(connection, None)
             if len(self._started) < 10_000:  # bounded even if a PROFILE never comes
-                self._started[key] = perf_counter()
+                self._started[key] = (perf_counter(), bindings)
             return
         end = perf_counter()
-        start = self._started.pop(key, end - event["nanoseconds"] / 1e9)
-        self._capture.add(record, "sqlite", event["sql"], None, start, end, sys._getframe(1))
+        start, bindings = self._started.pop(key, (end - event["nanoseconds"] / 1e9, None))
+        self._capture.add(record, "sqlite", event["sql"], bindings, start, end, sys._getframe(1))
 
     def undo(self) -> None:
         try:

@@ -75,6 +75,9 @@ CACHE_BYTES = 4 * 1024 * 1024
 _ENTRY_BYTES = 72 + 48
 _CUT = " …"
 
+_INTROSPECTION = re.compile(
+    r"\b(?:sqlite_(?:temp_)?(?:master|schema)\b|information_schema\.|pg_catalog\.)", re.I
+)
 _NOT_REPEATS = frozenset(("SAVEPOINT", "RELEASE", "ROLLBACK", "BEGIN", "COMMIT", "SET", "SHOW"))
 
 
@@ -183,7 +186,11 @@ class Shape(NamedTuple):
     #: The statement carries a list of several values (IN, ANY, multi-row VALUES):
     #: repeats of it are a batch loader's chunks, not an N+1.
     batched: bool
-    #: Transaction control and session settings: never an N+1.
+    #: Transaction control, session settings and schema introspection: never an N+1.
+    #: fastlite reads ``sqlite_master`` and ``PRAGMA table_info`` again before each
+    #: insert or update, an ORM reflects tables: none of it is the app's own N+1 or a
+    #: query the app could run once. Such queries still count (time, queries per
+    #: request); they are never reported.
     control: bool
 
 
@@ -389,7 +396,13 @@ def _normalize(sql: str, mysql: bool = False) -> Shape:
     # (system, operation) entry apart by identity and looks an entry up only when it
     # changes (the 11-query route: one lookup a request instead of two).
     operation = sys.intern(operation)
-    return Shape("".join(out).lstrip(), operation, batched, operation in _NOT_REPEATS)
+    fingerprint = "".join(out).lstrip()
+    control = (
+        operation in _NOT_REPEATS
+        or operation == "PRAGMA"
+        or _INTROSPECTION.search(fingerprint) is not None
+    )
+    return Shape(fingerprint, operation, batched, control)
 
 
 class Fingerprints:

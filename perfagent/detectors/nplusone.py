@@ -68,7 +68,8 @@ def _summary(group: list[Any]) -> tuple[int | None, bool, str | None, float]:
     """(distinct parameter sets or None when none are known, whether every repeat
     was identical, the lazy-loaded attribute or None, total seconds) of one group;
     ``summary`` in ``_speedups.c`` does the same in C."""
-    # APSW's trace gives no parameters: without them a repeat is never called identical.
+    # APSW's statements on a connection whose exec_trace is the app's have no known
+    # parameters (None, drivers.py): without them a repeat is never called identical.
     known = [(q.sql, q.params) for q in group if q.params is not None or q.system != "sqlite"]
     try:
         distinct = len(set(known))

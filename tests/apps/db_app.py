@@ -176,7 +176,7 @@ def orm_lazy():
 def orm_template():
     with Session(engine) as session:
         posts = session.scalars(select(Post)).all()
-        return len(TEMPLATE.render(posts=posts))  # MARK template
+        return len(TEMPLATE.render(posts=posts))
 
 
 @app.get("/orm/selectin")
@@ -215,9 +215,9 @@ def orm_identity():
 async def async_gather():
     async def load(post_id: int):
         async with AsyncSessionLocal() as session:
-            return await session.get(Post, post_id)  # MARK gather
+            return await session.get(Post, post_id)
 
-    posts = await asyncio.gather(*(load(i) for i in range(1, 11)))
+    posts = await asyncio.gather(*(load(i) for i in range(1, 11)))  # MARK gather
     return len(posts)
 
 
