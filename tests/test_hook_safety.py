@@ -173,3 +173,67 @@ def test_a_call_sqlite3_refuses_gets_sqlite3s_own_error(compiled):
     finally:
         conn.close()
         perfagent.shutdown()
+
+
+# The event-loop watchdog samples the loop thread's stack while garbage whose finalizer
+# lets the GIL go (as a query does) is collected, and another thread starts threads.
+SAMPLING_AND_FINALIZERS = """
+import asyncio, gc, threading, time
+import perfagent
+from perfagent.detectors.eventloop import LoopWatchdog, _Stall
+
+
+class Slow:
+    def __init__(self):
+        self.cycle = self
+
+    def __del__(self):
+        time.sleep(0.0005)
+
+
+stop = False
+
+
+def churn():
+    while not stop:
+        thread = threading.Thread(target=lambda: None)
+        thread.start()
+        thread.join()
+
+
+perfagent.init(metrics_port=0, console_url="http://127.0.0.1:9")
+watchdog = LoopWatchdog(perfagent._state["agent"], asyncio.new_event_loop())
+watchdog._loop_thread = threading.get_ident()
+threading.Thread(target=churn, daemon=True).start()
+gc.set_threshold(1)
+for _ in range(3000):
+    Slow()
+    Slow()
+    watchdog._sample(_Stall(0.0))
+stop = True
+gc.set_threshold(700)
+perfagent.shutdown()
+print("done")
+"""
+
+
+def test_sampling_stacks_never_hangs_the_process_on_a_finalizer(tmp_path):
+    """``sys._current_frames()`` holds the interpreter's lock of thread states while it
+    allocates: a collection there ran a finalizer that let the GIL go and waited for
+    it holding the lock, while a thread starting a thread held the GIL waiting for the
+    lock (CPython gh-106883): the process hung for good (bench/stress.py's app stopped
+    answering within a minute). The watchdog and the slow-request sampler now read
+    stacks with the collector off. Fails before with a timeout."""
+    script = tmp_path / "sampling.py"
+    script.write_text(SAMPLING_AND_FINALIZERS)
+    try:
+        done = subprocess.run(
+            [sys.executable, str(script)],
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process hung: a finalizer let the GIL go inside _current_frames")
+    assert done.returncode == 0 and done.stdout.split() == ["done"], done
