@@ -1295,7 +1295,8 @@ summary(PyObject *module, PyObject *group)
                 goto done;
             }
             /* Unsigned: the product overflows, which a signed type may not do. */
-            Py_hash_t hash = (Py_hash_t)((Py_uhash_t)sql_hash * 1000003u ^ (Py_uhash_t)params_hash);
+            Py_hash_t hash =
+                (Py_hash_t)((Py_uhash_t)sql_hash * 1000003u ^ (Py_uhash_t)params_hash);
             size_t slot = (size_t)hash & table.mask;
             int seen = 0;
             for (; !seen && table.slots[slot]; slot = (slot + 1) & table.mask) {
