@@ -244,8 +244,9 @@ def run(args: argparse.Namespace, work: Path) -> int:
         STRESS_ROUTES=str(args.routes),
         PERFAGENT_CONSOLE_URL=f"http://127.0.0.1:{sink_port}",
         PYTHONUNBUFFERED="1",
-        PYTHONFAULTHANDLER="1",  # a crash's Python stacks, into the server's output
     )
+    if not args.sanitize:  # (under ASan its own report says more, and the two collide)
+        env["PYTHONFAULTHANDLER"] = "1"  # a crash's Python stacks, into the server's output
     sink = subprocess.Popen([sys.executable, str(HERE / "sink.py"), str(sink_port)])
     log = open(work / "server.log", "w+b")  # noqa: SIM115
     argv = [sys.executable, "-m", "perfagent", "run", "--no-console", "--log-format", "json"]
@@ -365,6 +366,14 @@ def run(args: argparse.Namespace, work: Path) -> int:
     for report in reports[:3]:
         text = Path(report).read_text(errors="replace")
         print(f"---- {Path(report).name}\n" + "\n".join(text.splitlines()[:40]))
+    if crashed:  # what the server wrote, and the reports, kept for a look
+        kept = Path(tempfile.gettempdir()) / "perfagent-stress-last"
+        shutil.rmtree(kept, ignore_errors=True)
+        kept.mkdir()
+        shutil.copy(work / "server.log", kept)
+        for report in reports:
+            shutil.copy(report, kept)
+        print(f"stress: the server's output and the reports kept in {kept}")
     print(f"stress: {'CRASHED' if crashed else 'nothing crashed'}")
     return 1 if crashed else 0
 
