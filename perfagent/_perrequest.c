@@ -999,7 +999,7 @@ request_metrics(Finisher *self, PyObject *record, double duration)
 {
     int result = -1;
     PyObject *buffer = NULL, *active = NULL, *tables = NULL, *method = NULL, *route = NULL,
-             *status = NULL, *queries = NULL, *wait = NULL;
+             *status = NULL, *queries = NULL, *wait = NULL, *table[4] = {NULL};
     if ((buffer = thread_buffer(self->stats)) == NULL ||
         (active = get_attr(buffer, str_active)) == NULL ||
         (tables = get_attr(buffer, str_tables)) == NULL ||
@@ -1013,6 +1013,11 @@ request_metrics(Finisher *self, PyObject *record, double duration)
     if (!PyDict_Check(active) || !PyList_Check(tables) || PyList_GET_SIZE(tables) < 4) {
         PyErr_SetString(PyExc_TypeError, "not a perfagent thread buffer");
         goto done;
+    }
+    /* Each table held, not borrowed from the buffer's list: observing can collect, and
+     * a finalizer (or the agent thread meanwhile) can change what the list holds. */
+    for (int i = 0; i < 4; i++) {
+        table[i] = Py_NewRef(PyList_GET_ITEM(tables, i));
     }
     int truthy = PyObject_IsTrue(route);
     if (truthy < 0) {
@@ -1033,25 +1038,22 @@ request_metrics(Finisher *self, PyObject *record, double duration)
     else if (PyErr_Occurred()) {
         goto done;
     }
-    if (observe(PyList_GET_ITEM(tables, 0), &self->duration, method, route, status, duration) <
-        0) {
+    if (observe(table[0], &self->duration, method, route, status, duration) < 0) {
         goto done;
     }
     Py_ssize_t n = queries == Py_None ? 0 : PyObject_Length(queries);
-    if (n < 0 ||
-        observe(PyList_GET_ITEM(tables, 1), &self->count, route, NULL, NULL, (double)n) < 0) {
+    if (n < 0 || observe(table[1], &self->count, route, NULL, NULL, (double)n) < 0) {
         goto done;
     }
     double waited = PyFloat_AsDouble(wait);
     if (waited == -1.0 && PyErr_Occurred()) {
         goto done;
     }
-    if (waited >= 0.0 &&
-        observe(PyList_GET_ITEM(tables, 3), &self->wait, route, NULL, NULL, waited) < 0) {
+    if (waited >= 0.0 && observe(table[3], &self->wait, route, NULL, NULL, waited) < 0) {
         goto done;
     }
     if (n > 0) {
-        PyObject *args[3] = {PyList_GET_ITEM(tables, 2), self->query_bounds, queries};
+        PyObject *args[3] = {table[2], self->query_bounds, queries};
         PyObject *none = PyObject_Vectorcall(self->observe_queries, args, 3, NULL);
         if (none == NULL) {
             goto done;
@@ -1068,6 +1070,9 @@ done:
     Py_XDECREF(status);
     Py_XDECREF(queries);
     Py_XDECREF(wait);
+    for (int i = 0; i < 4; i++) {
+        Py_XDECREF(table[i]);
+    }
     return result;
 }
 
@@ -2015,7 +2020,8 @@ server_timing_value(PyObject *record, double now)
     Py_ssize_t n = PyList_Check(queries) ? PyList_GET_SIZE(queries) : 0;
     if (n > 0) {
         double seconds = 0.0; /* record.db_time: the queries' durations, summed */
-        for (Py_ssize_t i = 0; i < n; i++) {
+        /* The size read again: a query that is not ours is read by its __getitem__. */
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(queries); i++) {
             double duration = query_duration(PyList_GET_ITEM(queries, i));
             if (duration == -1.0 && PyErr_Occurred()) {
                 Py_DECREF(queries);
@@ -2296,11 +2302,9 @@ running_task(AsgiBegin *self)
             return NULL;
         }
         task = PyDict_GetItemWithError(self->tasks_by_loop, loop);
-        Py_DECREF(loop);
-        if (task == NULL) {
-            return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
-        }
-        return Py_NewRef(task);
+        task = task != NULL ? Py_NewRef(task) : PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+        Py_DECREF(loop); /* after: the task was borrowed from a dict the loop keys */
+        return task;
     }
     return PyObject_CallNoArgs(self->current_task);
 }

@@ -8,9 +8,17 @@
  * issuing 11 SELECTs by primary key, each ~16,600 on its own); in C, ~3,700.
  * This file does the same work for the common case; see ``SqlHook_vectorcall`` for what it is. Everything else
  * (a statement seen for the first time, a call site not yet cached, bytes
- * statements, keyword arguments) goes to the Python code in
+ * statements) goes to the Python code in
  * ``perfagent/db/drivers.py`` and ``perfagent/db/capture.py``, which stays the
- * reference: the package works without this module, only slower.
+ * reference: the package works without this module, only slower. A call sqlite3
+ * itself refuses (keyword arguments) goes to the driver's own method, untimed.
+ *
+ * Anything that can run Python code (an allocation the collector counts, which can
+ * collect and so run any finalizer; releasing an object; a call) can issue a
+ * statement, through this hook again, and change what the caches hold: what is
+ * read across such a call is held by a reference of our own, never borrowed from
+ * a cache or a list (issue 30: a Shape borrowed from the fingerprint cache across
+ * the stack walk was freed when a finalizer's statement emptied the cache).
  *
  * Like every hook of the agent, nothing here raises into the app: the app
  * sees exactly what the driver returned or raised; an error of the agent's
@@ -87,6 +95,7 @@ typedef struct {
     vectorcallfunc vectorcall;
     PyObject *run;          /* the driver's own Cursor.execute or executemany */
     PyObject *make_cursor;  /* Connection.cursor for the connection's methods, else NULL */
+    PyObject *original;     /* the connection's own method (with make_cursor), else NULL */
     PyObject *cursor_class; /* the cursor class make_cursor is given */
     PyObject *system;       /* "sqlite" */
     PyObject *no_params;    /* what the params of a call without any are recorded as */
@@ -361,18 +370,22 @@ kind_of(SqlHook *self, PyCodeObject *code)
     PyObject *known = by_code(self->kinds, code);
     long kind = known != NULL && PyLong_CheckExact(known) ? PyLong_AsLong(known) : -1;
     if (kind >= 0) {
+        PyObject *gone = NULL;
         if (self->kinds_seen[at].code != NULL) { /* the older entry gives way */
-            Py_XSETREF(self->kinds_seen[at ^ 1].code, self->kinds_seen[at].code);
-            self->kinds_seen[at ^ 1].kind = self->kinds_seen[at].kind;
+            gone = self->kinds_seen[at ^ 1].code;
+            self->kinds_seen[at ^ 1] = self->kinds_seen[at];
         }
         self->kinds_seen[at].code = Py_NewRef((PyObject *)code);
         self->kinds_seen[at].kind = kind;
+        /* Released once both entries are whole again: freeing a code object can run
+         * Python code (a weak reference's callback), which can query, and walk. */
+        Py_XDECREF(gone);
     }
     return kind;
 }
 
-/* The site (code, offset, line) of an app frame, borrowed, with whether its line is
- * in a loop of its code into ``*loop``; NULL when its loops are not known yet. */
+/* The site (code, offset, line) of an app frame, a new reference, with whether its
+ * line is in a loop of its code into ``*loop``; NULL when its loops are not known yet. */
 static PyObject *
 site_of(SqlHook *self, Cursor frame, PyCodeObject *code, int offset, int *loop)
 {
@@ -381,23 +394,29 @@ site_of(SqlHook *self, Cursor frame, PyCodeObject *code, int offset, int *loop)
         if (self->sites_seen[at].code == (PyObject *)code &&
             self->sites_seen[at].offset == offset) {
             *loop = self->sites_seen[at].loop;
-            return self->sites_seen[at].site;
+            return Py_NewRef(self->sites_seen[at].site);
         }
     }
     int in = in_loop(self, code, offset);
+    /* An allocation the collector counts: it can collect, and a finalizer can run
+     * anything, this hook included (which changes these entries: read after). */
     PyObject *site = in < 0 ? NULL : Py_BuildValue("(Oii)", code, offset, cursor_line(frame));
     if (site == NULL) {
         return NULL;
     }
+    PyObject *gone_code = NULL, *gone_site = NULL;
     if (self->sites_seen[at].code != NULL) { /* the older entry gives way */
-        Py_XDECREF(self->sites_seen[at ^ 1].code);
-        Py_XDECREF(self->sites_seen[at ^ 1].site);
+        gone_code = self->sites_seen[at ^ 1].code;
+        gone_site = self->sites_seen[at ^ 1].site;
         self->sites_seen[at ^ 1] = self->sites_seen[at];
     }
     self->sites_seen[at].code = Py_NewRef((PyObject *)code);
-    self->sites_seen[at].site = site;
+    self->sites_seen[at].site = Py_NewRef(site);
     self->sites_seen[at].offset = offset;
     self->sites_seen[at].loop = *loop = in;
+    /* Released once both entries are whole again (as in kind_of). */
+    Py_XDECREF(gone_code);
+    Py_XDECREF(gone_site);
     return site;
 }
 
@@ -406,6 +425,10 @@ site_of(SqlHook *self, Cursor frame, PyCodeObject *code, int offset, int *loop)
  * and holds no lazy load: the app sites as a new tuple; NULL (no error set) for
  * whatever the Python walk must see (new code, a lazy load, no app frame, or a
  * walk that stops at once, which the Python walk caches in at_loop).
+ *
+ * kind_of and site_of can run any Python code (an allocation can collect; releasing
+ * a cache entry can free a code object): the sites found are held across them, and
+ * the frames walked are the running thread's callers, alive until the hook returns.
  */
 static PyObject *
 walk(SqlHook *self, Cursor first)
@@ -424,7 +447,7 @@ walk(SqlHook *self, Cursor first)
                 ok = 0;
             }
             else {
-                sites[count++] = Py_NewRef(site);
+                sites[count++] = site; /* a new reference (site_of) */
                 looped = loop == 1;
                 stop = count >= MAX_FRAMES || looped;
                 at_once = stop && frame == first;
@@ -463,7 +486,8 @@ walk(SqlHook *self, Cursor first)
     return result;
 }
 
-/* (sites, lazy) cached for the caller's code and offset, borrowed; NULL if not cached. */
+/* (sites, lazy) cached for the caller's code and offset, a new reference; NULL if not
+ * cached. */
 static PyObject *
 cached_sites(SqlHook *self, Cursor frame)
 {
@@ -477,7 +501,7 @@ cached_sites(SqlHook *self, Cursor frame)
     }
     size_t at = (((size_t)code >> 4) ^ (size_t)lasti) & (SITE_CACHE - 1);
     if (self->recent[at].code == (PyObject *)code && self->recent[at].lasti == lasti) {
-        return self->recent[at].answer;
+        return Py_NewRef(self->recent[at].answer);
     }
     PyObject *offsets = by_code(self->at_loop, code);
     if (offsets == NULL || !PyDict_CheckExact(offsets)) {
@@ -492,10 +516,16 @@ cached_sites(SqlHook *self, Cursor frame)
     if (answer == NULL || !PyTuple_CheckExact(answer) || PyTuple_GET_SIZE(answer) != 2) {
         return NULL;
     }
-    /* What at_loop says of a code and offset never changes: kept, it stays right. */
-    Py_XSETREF(self->recent[at].code, Py_NewRef((PyObject *)code));
-    Py_XSETREF(self->recent[at].answer, Py_NewRef(answer));
+    /* What at_loop says of a code and offset never changes: kept, it stays right. The
+     * entry is whole before the old one is released (as in kind_of), and the answer
+     * returned is held: releasing can run code that changes the entry again. */
+    Py_INCREF(answer);
+    PyObject *gone_code = self->recent[at].code, *gone_answer = self->recent[at].answer;
+    self->recent[at].code = Py_NewRef((PyObject *)code);
+    self->recent[at].answer = Py_NewRef(answer);
     self->recent[at].lasti = lasti;
+    Py_XDECREF(gone_code);
+    Py_XDECREF(gone_answer);
     return answer;
 }
 
@@ -675,17 +705,26 @@ add_fast(SqlHook *self, PyObject *record, PyObject *sql, PyObject *params, doubl
     if (!PyUnicode_CheckExact(sql)) {
         return -1;
     }
+    /* The Shape is held, not borrowed from the cache: the walk below can collect (an
+     * allocation), a finalizer can then issue a statement, and a statement new to a
+     * full cache empties it, which freed a borrowed Shape (issue 30: a segfault). */
     PyObject *shape = PyDict_GetItemWithError(self->shapes, sql);
     if (shape == NULL) {
         return -1;
     }
-    PyObject *sites, *lazy = Py_None;
+    Py_INCREF(shape);
+    PyObject *sites, *lazy;
     PyObject *answer = cached_sites(self, frame);
     if (answer != NULL) {
         sites = Py_NewRef(PyTuple_GET_ITEM(answer, 0));
-        lazy = PyTuple_GET_ITEM(answer, 1);
+        lazy = Py_NewRef(PyTuple_GET_ITEM(answer, 1));
+        Py_DECREF(answer);
     }
-    else if ((sites = walk(self, frame)) == NULL) {
+    else if ((sites = walk(self, frame)) != NULL) {
+        lazy = Py_NewRef(Py_None);
+    }
+    else {
+        Py_DECREF(shape);
         return -1;
     }
     if (PyTuple_Check(sites) && PyObject_GC_IsTracked(sites)) { /* a new walk's, not cached */
@@ -698,7 +737,9 @@ add_fast(SqlHook *self, PyObject *record, PyObject *sql, PyObject *params, doubl
     untrack_atoms(params);
     PyObject *query = (PyObject *)query_new(self->system, sql, shape, params, start,
                                             end - start, many, sites, lazy);
+    Py_DECREF(shape);
     Py_DECREF(sites);
+    Py_DECREF(lazy);
     if (query == NULL) {
         return -1;
     }
@@ -784,6 +825,16 @@ SqlHook_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyO
     for (Py_ssize_t i = 1; i < nargs + nkw; i++) {
         call[i] = args[i];
     }
+    if (self->original != NULL && (nkw > 0 || nargs < 2 || nargs > 3)) {
+        /* Not a call the connection's method takes (a keyword, no statement, too many
+         * arguments): its own answer, its error naming Connection, not our cursor's;
+         * the agent shows nowhere, not in an error message (issue 30, item 14). */
+        PyObject *own = PyObject_Vectorcall(self->original, args, nargsf, kwnames);
+        if (call != small) {
+            PyMem_Free(call);
+        }
+        return own;
+    }
     PyObject *target = args[0];
     Py_INCREF(target);
     if (self->make_cursor != NULL) {
@@ -851,13 +902,15 @@ SqlHook_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *names[] = {"run",          "make_cursor", "cursor_class", "system",
                             "no_params",    "current",     "perf_counter", "slow_add",
-                            "shapes",       "frames",      "many",         NULL};
+                            "shapes",       "frames",      "many",         "original",
+                            NULL};
     PyObject *run, *make_cursor, *cursor_class, *system, *no_params, *current, *perf_counter;
-    PyObject *slow_add, *shapes, *frames;
+    PyObject *slow_add, *shapes, *frames, *original = Py_None;
     int many = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOUOOOOO!O|p", names, &run, &make_cursor,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOUOOOOO!O|pO", names, &run, &make_cursor,
                                      &cursor_class, &system, &no_params, &current, &perf_counter,
-                                     &slow_add, &PyDict_Type, &shapes, &frames, &many)) {
+                                     &slow_add, &PyDict_Type, &shapes, &frames, &many,
+                                     &original)) {
         return NULL;
     }
     if (!PyContextVar_CheckExact(current)) {
@@ -893,6 +946,8 @@ SqlHook_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->vectorcall = SqlHook_vectorcall;
     self->run = Py_NewRef(run);
     self->make_cursor = make_cursor == Py_None ? NULL : Py_NewRef(make_cursor);
+    self->original = original == Py_None || self->make_cursor == NULL ? NULL
+                                                                       : Py_NewRef(original);
     self->cursor_class = Py_NewRef(cursor_class);
     self->system = Py_NewRef(system);
     self->no_params = Py_NewRef(no_params);
@@ -906,8 +961,8 @@ SqlHook_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 
 /* Every object a hook holds (the site cache's too), for traverse and clear. */
 #define SQLHOOK_OBJECTS(X)                                                                   \
-    X(run) X(make_cursor) X(cursor_class) X(system) X(no_params) X(current) X(perf_counter) \
-    X(slow_add) X(shapes) X(kinds) X(loops) X(at_loop) X(spawned)                          \
+    X(run) X(make_cursor) X(original) X(cursor_class) X(system) X(no_params) X(current)     \
+    X(perf_counter) X(slow_add) X(shapes) X(kinds) X(loops) X(at_loop) X(spawned)          \
     for (int i = 0; i < SITE_CACHE; i++) {                                                  \
         X(recent[i].code) X(recent[i].answer)                                               \
     }                                                                                       \
@@ -1017,6 +1072,37 @@ same_text(PyObject *a, PyObject *b)
     return a == b ? 1 : PyObject_RichCompareBool(a, b, Py_EQ);
 }
 
+/* The ``n`` items of ``list``, each held, in an array for ``release_items``; NULL with
+ * MemoryError set. What repeats, summary and observe_queries read of a query (its
+ * Shape, sites, parameters) is held by the query; the queries are held here, not
+ * borrowed from the list, because these functions call code that can do anything
+ * to it: a parameter's ``__hash__`` or ``__eq__``, an allocation that collects and
+ * runs a finalizer (a request's queries are the app's to reach: record.queries). */
+static PyObject **
+hold_items(PyObject *list, Py_ssize_t n)
+{
+    PyObject **items = PyMem_Malloc((n ? n : 1) * sizeof(PyObject *));
+    if (items == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        items[i] = Py_NewRef(PyList_GET_ITEM(list, i));
+    }
+    return items;
+}
+
+static void
+release_items(PyObject **items, Py_ssize_t n)
+{
+    if (items != NULL) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            Py_DECREF(items[i]);
+        }
+        PyMem_Free(items);
+    }
+}
+
 typedef struct {
     PyObject *fingerprint; /* borrowed from the first query's Shape */
     void *code;            /* the last app site's code object, or NULL */
@@ -1051,8 +1137,12 @@ repeats(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t n = PyList_GET_SIZE(queries), used = 0;
     PyObject *found = NULL;
     IndexTable table = {NULL, 0};
+    PyObject **items = hold_items(queries, n);
     Group *groups = PyMem_Malloc((n ? n : 1) * sizeof(Group));
     Py_ssize_t *next = PyMem_Malloc((n ? n : 1) * sizeof(Py_ssize_t));
+    if (items == NULL) {
+        goto done;
+    }
     if (groups == NULL || next == NULL) {
         PyErr_NoMemory();
         goto done;
@@ -1061,7 +1151,7 @@ repeats(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         goto done;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        QueryObject *query = as_query(PyList_GET_ITEM(queries, i));
+        QueryObject *query = as_query(items[i]);
         PyObject *shape = query == NULL ? NULL : shape_of(query);
         if (shape == NULL) {
             goto done;
@@ -1092,7 +1182,9 @@ repeats(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if (hash == -1) {
             goto done;
         }
-        hash ^= (Py_hash_t)((size_t)code >> 4) * 1000003 ^ (Py_hash_t)line * 31;
+        /* Unsigned: the products overflow, which a signed type may not do. */
+        hash = (Py_hash_t)((Py_uhash_t)hash ^ ((Py_uhash_t)code >> 4) * 1000003u ^
+                           (Py_uhash_t)line * 31u);
         size_t slot = (size_t)hash & table.mask;
         Group *group = NULL;
         for (; table.slots[slot]; slot = (slot + 1) & table.mask) {
@@ -1135,7 +1227,7 @@ repeats(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         Py_ssize_t at = 0;
         for (Py_ssize_t i = group->first; i >= 0; i = next[i]) {
-            PyList_SET_ITEM(members, at++, Py_NewRef(PyList_GET_ITEM(queries, i)));
+            PyList_SET_ITEM(members, at++, Py_NewRef(items[i]));
         }
         PyObject *pair = PyTuple_Pack(2, group->fingerprint, members);
         Py_DECREF(members);
@@ -1147,6 +1239,7 @@ repeats(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_DECREF(pair);
     }
 done:
+    release_items(items, n);
     PyMem_Free(groups);
     PyMem_Free(next);
     PyMem_Free(table.slots);
@@ -1195,11 +1288,13 @@ summary(PyObject *module, PyObject *group)
     if (hashes == NULL) {
         return PyErr_NoMemory();
     }
-    if (table_init(&table, size) < 0) {
+    /* Held: a parameter's __hash__ and __eq__ below are the app's code. */
+    PyObject **items = hold_items(group, size);
+    if (items == NULL || table_init(&table, size) < 0) {
         goto done;
     }
     for (Py_ssize_t i = 0; i < size; i++) {
-        QueryObject *query = as_query(PyList_GET_ITEM(group, i));
+        QueryObject *query = as_query(items[i]);
         if (query == NULL || shape_of(query) == NULL) {
             goto done;
         }
@@ -1216,7 +1311,9 @@ summary(PyObject *module, PyObject *group)
                 }
                 goto done;
             }
-            Py_hash_t hash = sql_hash * 1000003 ^ params_hash;
+            /* Unsigned: the product overflows, which a signed type may not do. */
+            Py_hash_t hash =
+                (Py_hash_t)((Py_uhash_t)sql_hash * 1000003u ^ (Py_uhash_t)params_hash);
             size_t slot = (size_t)hash & table.mask;
             int seen = 0;
             for (; !seen && table.slots[slot]; slot = (slot + 1) & table.mask) {
@@ -1224,7 +1321,7 @@ summary(PyObject *module, PyObject *group)
                 if (hashes[j] != hash) {
                     continue;
                 }
-                QueryObject *other = (QueryObject *)PyList_GET_ITEM(group, j);
+                QueryObject *other = (QueryObject *)items[j];
                 int same = same_text(other->sql, sql);
                 if (same > 0) {
                     PyObject *other_params = other->params;
@@ -1273,6 +1370,7 @@ summary(PyObject *module, PyObject *group)
     PyTuple_SET_ITEM(result, 2, Py_NewRef(lazy));
     PyTuple_SET_ITEM(result, 3, seconds);
 done:
+    release_items(items, size);
     PyMem_Free(hashes);
     PyMem_Free(table.slots);
     return result;
@@ -1339,9 +1437,16 @@ observe_queries(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         limits[i] = PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(bounds, i));
     }
     Pending pending = {NULL};
+    /* Held: an entry made below can collect, and a finalizer can do anything to the
+     * list; last_system and last_operation, compared by identity, stay these objects. */
+    Py_ssize_t n = PyList_GET_SIZE(queries);
+    PyObject **items = hold_items(queries, n);
+    if (items == NULL) {
+        return NULL;
+    }
     PyObject *last_system = NULL, *last_operation = NULL;
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(queries); i++) {
-        QueryObject *query = as_query(PyList_GET_ITEM(queries, i));
+    for (Py_ssize_t i = 0; i < n; i++) {
+        QueryObject *query = as_query(items[i]);
         PyObject *shape = query == NULL ? NULL : shape_of(query);
         if (shape == NULL) {
             goto fail;
@@ -1371,6 +1476,7 @@ observe_queries(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         pending.added[bucket_of(limits, nbounds, query->duration)]++;
         pending.sum += query->duration;
     }
+    release_items(items, n);
     if (flush_entry(&pending, nbounds) < 0) {
         return NULL;
     }
@@ -1379,6 +1485,7 @@ fail: {
     /* What was counted before the bad query is written, as one at a time would have. */
     PyObject *type, *value, *traceback;
     PyErr_Fetch(&type, &value, &traceback);
+    release_items(items, n);
     if (flush_entry(&pending, nbounds) < 0) {
         PyErr_Clear();
     }

@@ -76,6 +76,7 @@ from types import CodeType, FrameType
 from typing import Any
 
 from perfagent.export.metrics import LOOP_LAG_BUCKETS as LAG_BUCKETS
+from perfagent.profiling.frames import current_frames
 
 MAX_SAMPLES = 400  # per stall: 2 s at 5 ms; a longer stall keeps its first samples
 MAX_DEPTH = 128  # frames per sample
@@ -385,7 +386,7 @@ class LoopWatchdog:
         return stall
 
     def _sample(self, stall: _Stall) -> None:
-        frame: FrameType | None = sys._current_frames().get(self._loop_thread)
+        frame: FrameType | None = current_frames().get(self._loop_thread)
         dispatch = self._dispatch
         frames: list[FrameType] = []
         while frame is not None and len(frames) < MAX_DEPTH:
@@ -635,7 +636,7 @@ def _task_record(task: Any, adapter: CodeType, loop_thread: int) -> Any:
                 return record
         if getattr(awaited, "cr_running", False):
             # Running now, so not awaiting anything: the rest is on the loop's stack.
-            top: FrameType | None = sys._current_frames().get(loop_thread)
+            top: FrameType | None = current_frames().get(loop_thread)
             while top is not None:
                 if top.f_code is adapter:
                     record = _record_of(top)

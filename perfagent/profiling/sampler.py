@@ -19,13 +19,13 @@ make the route's flame graph.
 
 from __future__ import annotations
 
-import sys
 from itertools import islice
 from time import perf_counter
 from types import FrameType
 from typing import Any
 
 from perfagent.db.callsite import AppFrames
+from perfagent.profiling.frames import current_frames
 from perfagent.record import RequestRecord
 
 MAX_DEPTH = 64
@@ -92,7 +92,7 @@ class StackSampler:
                     break
         if not due:
             return
-        threads = sys._current_frames()
+        threads = current_frames()
         for record, (thread_id, task) in due:
             if record.done:
                 continue
