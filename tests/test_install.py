@@ -30,6 +30,8 @@ pytestmark = pytest.mark.install
 # The oldest versions the README promises, with what they pinned at the time.
 FASTAPI_OLD = ["fastapi==0.79.1", "pydantic<2", "uvicorn==0.18.3"]
 FLASK_OLD = ["flask==2.0.3", "werkzeug==2.0.3"]
+#: Changed whenever what is kept of a venv changes, so an older cache is not read.
+CACHE_FORMAT = 2
 WEB_STACKS = {"fastapi", "starlette", "pydantic", "uvicorn", "anyio", "opentelemetry-sdk"}
 
 
@@ -45,9 +47,14 @@ def _pip(venv: Path, *args: str, timeout: float = 600) -> str:
 
 
 def _freeze(venv: Path) -> dict[str, str]:
-    lines = _pip(venv, "freeze", "--all").splitlines()
-    pairs = (line.split("==", 1) for line in lines if "==" in line)
-    return {name.lower().replace("_", "-"): version for name, version in pairs}
+    found = {}
+    for line in _pip(venv, "freeze", "--all").splitlines():
+        name, sep, version = line.partition("==")
+        if not sep:  # perfagent @ file:///...whl
+            name, sep, version = line.partition(" @ ")
+        if sep:
+            found[name.strip().lower().replace("_", "-")] = version.strip()
+    return found
 
 
 def _site_packages_kib(venv: Path) -> int:
@@ -85,7 +92,8 @@ def wheel(tmp_path_factory) -> Path:
 
 def _venv_with(wheel: Path, name: str, app_requirements: list[str]) -> dict:
     """A fresh venv holding ``app_requirements``, then the wheel; what pip changed."""
-    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256(wheel.read_bytes() + repr((CACHE_FORMAT, app_requirements)).encode())
+    digest = digest.hexdigest()[:16]
     venv = wheel.parent.parent / "venvs" / digest / name
     done = venv / "perfagent-test.json"
     if done.exists():
@@ -188,6 +196,9 @@ def test_fastapi_079_app_under_perfagent_run(fastapi_old, tmp_path, servers):
     assert counts == {("GET", "/items/{item_id}", "200"): 1}, server.output()
     build = [s for s in scrape(metrics) if s.name == "perfagent_build_info"]
     assert build and build[0].labels["compiled"] == "1"
+    # The app's own FastAPI 0.79 is not the console's (0.110+): it says so, and runs on.
+    out = _wait_for_line(server, "perfagent[console]")
+    assert sum("perfagent[console]" in line for line in out.splitlines()) == 1, out
 
 
 def test_flask_20_app_under_perfagent_run_without_the_console(flask_old, tmp_path, servers):

@@ -8,10 +8,12 @@ whether the extra is installed without importing it.
 
 from __future__ import annotations
 
-import importlib.util
+from importlib.metadata import PackageNotFoundError, version
 
-#: What the console imports that the agent alone does not install.
-REQUIRES = ("fastapi", "uvicorn")
+#: What the console imports that the agent alone does not install, and the oldest
+#: release it works with (as in pyproject.toml's ``console`` extra): an app's own
+#: older FastAPI does not make the console installed.
+REQUIRES = (("fastapi", (0, 110)), ("uvicorn", (0, 29)))
 
 NOT_INSTALLED = (
     "the console is not installed: pip install 'perfagent[console]' "
@@ -19,12 +21,21 @@ NOT_INSTALLED = (
 )
 
 
+def _release(text: str) -> tuple[int, ...]:
+    numbers = []
+    for part in text.split(".")[:3]:
+        digits = "".join(c for c in part if c.isdigit())
+        numbers.append(int(digits) if digits else 0)
+    return tuple(numbers)
+
+
 def missing() -> str | None:
-    """The first module of the console extra that cannot be imported, or None."""
-    for name in REQUIRES:
+    """The first requirement of the console extra not met (``fastapi>=0.110``), or None."""
+    for name, oldest in REQUIRES:
         try:
-            if importlib.util.find_spec(name) is None:
-                return name
-        except (ImportError, ValueError):
-            return name
+            found = _release(version(name))
+        except PackageNotFoundError:
+            found = ()
+        if found < oldest:
+            return f"{name}>={'.'.join(map(str, oldest))}"
     return None
