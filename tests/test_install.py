@@ -30,6 +30,15 @@ pytestmark = pytest.mark.install
 # The oldest versions the README promises, with what they pinned at the time.
 FASTAPI_OLD = ["fastapi==0.79.1", "pydantic<2", "uvicorn==0.18.3"]
 FLASK_OLD = ["flask==2.0.3", "werkzeug==2.0.3"]
+#: Older than the adapter supports: the app must run, untouched, after one line.
+FLASK_TOO_OLD = [
+    "flask==1.1.4",
+    "werkzeug==1.0.1",
+    "jinja2==2.11.3",
+    "markupsafe==2.0.1",
+    "itsdangerous==1.1.0",
+    "click==7.1.2",
+]
 #: Changed whenever what is kept of a venv changes, so an older cache is not read.
 CACHE_FORMAT = 2
 WEB_STACKS = {"fastapi", "starlette", "pydantic", "uvicorn", "anyio", "opentelemetry-sdk"}
@@ -123,6 +132,11 @@ def fastapi_old(wheel) -> dict:
 @pytest.fixture(scope="session")
 def flask_old(wheel) -> dict:
     return _venv_with(wheel, "flask-2.0", FLASK_OLD)
+
+
+@pytest.fixture(scope="session")
+def flask_too_old(wheel) -> dict:
+    return _venv_with(wheel, "flask-1.1", FLASK_TOO_OLD)
 
 
 def _changed(facts: dict) -> dict[str, tuple[str, str | None]]:
@@ -257,6 +271,42 @@ def test_flask_20_app_with_init(flask_old, tmp_path, servers):
     assert server.get("/users/5").json() == {"id": 5}
     assert wait_for_counts(metrics, 1) == {("GET", "/users/<int:user_id>", "200"): 1}
     assert "agent_error" not in server.output()
+
+
+FLASK_APP_CODE = """
+from flask import Flask
+
+app = Flask(__name__)
+
+@app.route("/users/<int:user_id>")
+def user(user_id):
+    return "user %d" % user_id
+"""
+
+
+def test_flask_older_than_20_runs_untouched_after_one_line(flask_too_old, tmp_path, servers):
+    venv = Path(flask_too_old["venv"])
+    _write(tmp_path, "tooold.py", FLASK_APP_CODE)
+    _write(
+        tmp_path,
+        "tooold_init.py",
+        "import perfagent\nfrom tooold import app\n\nperfagent.init(app, metrics_port=0)\n"
+        "import sys\napp.run(port=int(sys.argv[1]))\n",
+    )
+    port, metrics = free_port(), free_port()
+    run = [str(venv / "bin" / "perfagent"), "run", "--metrics-port", str(metrics), "--"]
+    run += ["flask", "run", "--port", str(port)]
+    under_run = servers(run, port, _no_console_env(FLASK_APP="tooold"), cwd=tmp_path)
+    in_code_port = free_port()
+    in_code = [str(venv / "bin" / "python"), "tooold_init.py", str(in_code_port)]
+    with_init = servers(in_code, in_code_port, _no_console_env(), cwd=tmp_path)
+    for server in (under_run, with_init):
+        server.wait_listening()
+        assert server.get("/users/4").text == "user 4"
+        out = _wait_for_line(server, "framework_unsupported")
+        lines = [line for line in out.splitlines() if "framework_unsupported" in line]
+        assert len(lines) == 1 and "1.1.4" in lines[0], out
+        assert "agent_error" not in out and "Traceback" not in out, out
 
 
 def test_console_command_without_the_extra_says_how_to_get_it(flask_old):
