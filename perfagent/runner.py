@@ -212,15 +212,16 @@ def run(command: list[str], settings: Settings, *, console: bool = True) -> int:
 
 
 def _beside_python(program: str) -> str:
-    """``program``, or the one in this Python's ``bin/`` when ``PATH`` has none.
+    """``program`` from this Python's ``bin/`` when it is there, else from ``PATH``.
 
-    ``.venv/bin/perfagent run -- uvicorn app:app`` then runs the venv's uvicorn
-    without the venv being activated, as the README's first command does.
+    The agent loads only into a Python that has perfagent installed: this one.
+    ``.venv/bin/perfagent run -- uvicorn app:app`` then runs the venv's uvicorn,
+    activated or not, rather than another one earlier on ``PATH``.
     """
-    if os.sep in program or shutil.which(program) is not None:
+    if os.sep in program:
         return program
     beside = os.path.join(os.path.dirname(sys.executable), program)
-    return beside if os.access(beside, os.X_OK) else program
+    return beside if os.access(beside, os.X_OK) and not os.path.isdir(beside) else program
 
 
 def _wait(child: int) -> int:

@@ -24,6 +24,8 @@ def pytest_configure(config):
     data = tempfile.mkdtemp(prefix="perfagent-test-data-")
     ISOLATED["PERFAGENT_CONSOLE_URL"] = f"http://127.0.0.1:{free_port()}"
     ISOLATED["XDG_DATA_HOME"] = data
+    if "PERFAGENT_COMPILED_HOOKS" in os.environ:  # .ci/run's pure-Python pass: servers too
+        ISOLATED["PERFAGENT_COMPILED_HOOKS"] = os.environ["PERFAGENT_COMPILED_HOOKS"]
     os.environ.update(ISOLATED)  # agents started inside the pytest process, too
 
 

@@ -29,6 +29,7 @@ pytestmark = pytest.mark.install
 
 # The oldest versions the README promises, with what they pinned at the time.
 FASTAPI_OLD = ["fastapi==0.79.1", "pydantic<2", "uvicorn==0.18.3"]
+STARLETTE_OLD = ["starlette==0.20.4", "uvicorn==0.18.3"]
 FLASK_OLD = ["flask==2.0.3", "werkzeug==2.0.3"]
 #: Older than the adapter supports: the app must run, untouched, after one line.
 FLASK_TOO_OLD = [
@@ -130,6 +131,11 @@ def fastapi_old(wheel) -> dict:
 
 
 @pytest.fixture(scope="session")
+def starlette_old(wheel) -> dict:
+    return _venv_with(wheel, "starlette-0.20", STARLETTE_OLD)
+
+
+@pytest.fixture(scope="session")
 def flask_old(wheel) -> dict:
     return _venv_with(wheel, "flask-2.0", FLASK_OLD)
 
@@ -191,21 +197,25 @@ def test_fastapi_079_app_under_perfagent_run(fastapi_old, tmp_path, servers):
         tmp_path,
         "oldapp.py",
         """
+        import fastapi
+        import pydantic
         from fastapi import FastAPI
 
         app = FastAPI()
 
         @app.get("/items/{item_id}")
         def item(item_id: int):
-            return {"id": item_id}
+            return {"id": item_id, "fastapi": fastapi.__version__, "pydantic": pydantic.VERSION}
         """,
     )
     port, metrics = free_port(), free_port()
     argv = [str(venv / "bin" / "perfagent"), "run", "--metrics-port", str(metrics), "--"]
-    argv += ["uvicorn", "oldapp:app", "--port", str(port)]
+    argv += ["uvicorn", "oldapp:app", "--port", str(port)]  # the venv's, as perfagent runs it
     server = servers(argv, port, _no_console_env(), cwd=tmp_path)
     server.wait_listening()
-    assert server.get("/items/3").json() == {"id": 3}
+    answer = server.get("/items/3").json()
+    assert answer["id"] == 3 and answer["fastapi"] == "0.79.1", answer  # the venv's own
+    assert str(answer["pydantic"]).startswith("1."), answer
     counts = wait_for_counts(metrics, 1)
     assert counts == {("GET", "/items/{item_id}", "200"): 1}, server.output()
     build = [s for s in scrape(metrics) if s.name == "perfagent_build_info"]
@@ -215,19 +225,53 @@ def test_fastapi_079_app_under_perfagent_run(fastapi_old, tmp_path, servers):
     assert sum("perfagent[console]" in line for line in out.splitlines()) == 1, out
 
 
+def test_starlette_020_app_under_perfagent_run(starlette_old, tmp_path, servers):
+    assert _changed(starlette_old) == {}
+    venv = Path(starlette_old["venv"])
+    _write(
+        tmp_path,
+        "oldstarlette.py",
+        """
+        from importlib.metadata import version
+
+        from starlette.applications import Starlette
+        from starlette.responses import JSONResponse
+        from starlette.routing import Route
+
+        async def item(request):
+            return JSONResponse(
+                {"id": int(request.path_params["item_id"]), "starlette": version("starlette")}
+            )
+
+        app = Starlette(routes=[Route("/items/{item_id}", item)])
+        """,
+    )
+    port, metrics = free_port(), free_port()
+    argv = [str(venv / "bin" / "perfagent"), "run", "--metrics-port", str(metrics), "--"]
+    argv += ["uvicorn", "oldstarlette:app", "--port", str(port)]
+    server = servers(argv, port, _no_console_env(), cwd=tmp_path)
+    server.wait_listening()
+    assert server.get("/items/3").json() == {"id": 3, "starlette": "0.20.4"}
+    counts = wait_for_counts(metrics, 1)
+    assert counts == {("GET", "/items/{item_id}", "200"): 1}, server.output()
+    assert "agent_error" not in server.output()
+
+
 def test_flask_20_app_under_perfagent_run_without_the_console(flask_old, tmp_path, servers):
     venv = Path(flask_old["venv"])
     _write(
         tmp_path,
         "oldflask.py",
         """
+        from importlib.metadata import version
+
         from flask import Flask
 
         app = Flask(__name__)
 
         @app.route("/users/<int:user_id>")
         def user(user_id):
-            return {"id": user_id}
+            return {"id": user_id, "flask": version("flask")}
         """,
     )
     port, metrics = free_port(), free_port()
@@ -235,7 +279,7 @@ def test_flask_20_app_under_perfagent_run_without_the_console(flask_old, tmp_pat
     argv += ["flask", "run", "--port", str(port)]
     server = servers(argv, port, _no_console_env(FLASK_APP="oldflask"), cwd=tmp_path)
     server.wait_listening()
-    assert server.get("/users/7").json() == {"id": 7}
+    assert server.get("/users/7").json() == {"id": 7, "flask": "2.0.3"}  # the venv's own
     counts = wait_for_counts(metrics, 1)
     assert counts == {("GET", "/users/<int:user_id>", "200"): 1}, server.output()
     out = server.output()
@@ -259,7 +303,9 @@ def test_flask_20_app_with_init(flask_old, tmp_path, servers):
 
         @app.route("/users/<int:user_id>")
         def user(user_id):
-            return {{"id": user_id}}
+            from importlib.metadata import version
+
+            return {{"id": user_id, "flask": version("flask")}}
 
         perfagent.init(app, metrics_port={metrics})
         app.run(port={port})
@@ -268,19 +314,21 @@ def test_flask_20_app_with_init(flask_old, tmp_path, servers):
     argv = [str(venv / "bin" / "python"), "initapp.py"]
     server = servers(argv, port, _no_console_env(), cwd=tmp_path)
     server.wait_listening()
-    assert server.get("/users/5").json() == {"id": 5}
+    assert server.get("/users/5").json() == {"id": 5, "flask": "2.0.3"}
     assert wait_for_counts(metrics, 1) == {("GET", "/users/<int:user_id>", "200"): 1}
     assert "agent_error" not in server.output()
 
 
 FLASK_APP_CODE = """
+from importlib.metadata import version
+
 from flask import Flask
 
 app = Flask(__name__)
 
 @app.route("/users/<int:user_id>")
 def user(user_id):
-    return "user %d" % user_id
+    return "user %d, flask %s" % (user_id, version("flask"))
 """
 
 
@@ -302,10 +350,10 @@ def test_flask_older_than_20_runs_untouched_after_one_line(flask_too_old, tmp_pa
     with_init = servers(in_code, in_code_port, _no_console_env(), cwd=tmp_path)
     for server in (under_run, with_init):
         server.wait_listening()
-        assert server.get("/users/4").text == "user 4"
-        out = _wait_for_line(server, "framework_unsupported")
-        lines = [line for line in out.splitlines() if "framework_unsupported" in line]
-        assert len(lines) == 1 and "1.1.4" in lines[0], out
+        assert server.get("/users/4").text == "user 4, flask 1.1.4"
+        out = _wait_for_line(server, "is not supported")
+        lines = [line for line in out.splitlines() if "is not supported" in line]
+        assert len(lines) == 1 and "Flask 1.1.4" in lines[0], out
         assert "agent_error" not in out and "Traceback" not in out, out
 
 

@@ -13,6 +13,7 @@ adapter then only names the route, so the request is counted once.
 from __future__ import annotations
 
 import hmac
+import sys
 from threading import get_ident
 from time import perf_counter
 from typing import Any
@@ -197,13 +198,13 @@ class FlaskInstrumentation:
             numbers, text = flask_version()
             self._supported = not numbers or numbers >= OLDEST_FLASK
             if not self._supported:
-                self.agent.log.warning(
-                    "framework_unsupported",
-                    framework="flask",
-                    version=text,
-                    supported=">=2.0",
-                    message=f"Flask {text} is not supported (2.0 or newer): not instrumented",
+                # Straight to stderr: the agent's log is written by its thread, which
+                # starts with the first request the adapter sees, and none will come.
+                sys.stderr.write(
+                    f"perfagent: Flask {text} is not supported (Flask 2.0 or newer): "
+                    "this app runs without the agent\n"
                 )
+                sys.stderr.flush()
         return self._supported
 
     def _ensure_reader(self) -> None:
