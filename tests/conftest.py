@@ -21,6 +21,12 @@ USER_DB = (
 
 def pytest_configure(config):
     """Before any test: every agent and console of the run uses the run's own places."""
+    # The README's test command runs .venv/bin/python -m pytest without activating the
+    # venv: the programs the tests start (python3, uvicorn, py-spy, schemathesis) are
+    # this environment's, as if it were activated, not whatever PATH finds first.
+    scripts = os.path.dirname(sys.executable)
+    if os.environ.get("PATH", "").split(os.pathsep)[0] != scripts:
+        os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
     data = tempfile.mkdtemp(prefix="perfagent-test-data-")
     ISOLATED["PERFAGENT_CONSOLE_URL"] = f"http://127.0.0.1:{free_port()}"
     ISOLATED["XDG_DATA_HOME"] = data
