@@ -213,7 +213,11 @@ def test_sync_endpoints_queueing_for_the_thread_pool_is_starvation_not_a_block(s
     assert event["threads"] == 40 and event["waiting"] >= 1
     assert event["holders"] == {"/sync-sleep": 40}
     assert event["duration_ms"] >= 100
-    assert _events(server, BLOCKED)[before:] == []
+    # No request was blocked on the loop: the queue is the pool's. (A stall outside any
+    # request, route None, can appear when 48 threads wake on two busy cores: that is
+    # the detector's contention case, held by its own test.)
+    blocked = [e for e in _events(server, BLOCKED)[before:] if e["route"] is not None]
+    assert blocked == [], blocked
     # And each request's own wait for a thread is measured: 8 of the 48 waited.
     time.sleep(1.5)  # workers merge their counts every second
     waits = {
