@@ -179,7 +179,7 @@ def test_the_sqlite3_hook_is_compiled_where_a_compiler_is_found():
     assert drivers.SqlHook is not None, "perfagent/_speedups.c was not built by pip install"
     from perfagent.record import RequestRecord, current
 
-    perfagent.init(metrics_port=0)
+    perfagent.init(metrics_port=0, compiled_hooks=True)  # the C, whatever the run's setting
     connection = sqlite3.connect(":memory:")
     try:
         connection_class = type(connection)
@@ -613,7 +613,7 @@ def test_a_query_is_none_of_the_garbage_collectors_work():
     from perfagent.record import RequestRecord, current
 
     assert drivers.SqlHook is not None, "perfagent/_speedups.c was not built by pip install"
-    perfagent.init(metrics_port=0, console_url="http://127.0.0.1:9")
+    perfagent.init(metrics_port=0, console_url="http://127.0.0.1:9", compiled_hooks=True)
     conn = sqlite3.connect(":memory:")
     conn.execute("CREATE TABLE t (id INTEGER, name TEXT)")
     conn.execute("INSERT INTO t VALUES (1, 'a')")
