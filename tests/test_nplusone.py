@@ -679,7 +679,7 @@ def test_the_hook_reads_the_callers_frame_and_sites_without_making_objects():
     from perfagent.record import RequestRecord, current
 
     assert drivers.SqlHook is not None, "perfagent/_speedups.c was not built by pip install"
-    perfagent.init(metrics_port=0, console_url="http://127.0.0.1:9")
+    perfagent.init(metrics_port=0, console_url="http://127.0.0.1:9", compiled_hooks=True)
     conn = sqlite3.connect(":memory:")
     conn.execute("CREATE TABLE t (id INTEGER, name TEXT)")
     cursor = conn.cursor()  # one cursor: no cursor objects made per query
