@@ -495,8 +495,8 @@ def async_health() -> dict[str, Any]:
         "perfagent-async",
         "perfagent / Async health",
         "Event-loop health of async apps (FastAPI, Starlette, FastHTML) and database time. "
-        "There is no thread-pool panel: the agent logs thread_pool_starved events but exports "
-        "no thread-pool metric yet.",
+        "No thread-pool panel yet: the wait for a pool thread is in "
+        "perfagent_thread_pool_wait_seconds.",
         [
             series(
                 "Event-loop lag percentiles",

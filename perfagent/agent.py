@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from perfagent.background import AgentThread
 from perfagent.bootstrap import RUNNER_ENV
+from perfagent.build import say_if_pure_python
 from perfagent.config import Settings
 from perfagent.db.capture import QueryCapture
 from perfagent.detectors.nplusone import NPlusOneDetector
@@ -86,9 +87,11 @@ class Agent:
             self.internal_error, "perfagent-export", quiet=lambda: self.exporter.quiet()
         )
         self.thread.every(1.0, self.export_thread.ensure_started, settle=True)
+        #: A Flask app's ``import_name``, given to ``init(app)``: a name when none is set.
+        self.app_name: str | None = None
         self.exporter = Exporter(
             settings.console_url,
-            settings.service_name,
+            self.service_name,
             self.metrics,
             self.export_thread,
             settings.export_interval_s,
@@ -169,13 +172,33 @@ class Agent:
         except ImportError:  # opentelemetry-api is a dependency, but be safe without it
             return None
 
+    def service_name(self) -> str:
+        """The configured name, else one inferred from this process's command line,
+        the Flask app given to ``init(app)`` or the working folder (read at the first
+        export, once the app is known)."""
+        if self.settings.service_name:
+            return self.settings.service_name
+        import sys
+
+        from perfagent.service_name import infer
+
+        return infer(sys.argv, os.environ, self.app_name)
+
     # -- lifecycle ---------------------------------------------------------
 
     def start(self) -> None:
         atexit.register(self._at_exit)
-        if os.environ.get(RUNNER_ENV) or not self.settings.metrics_port:
+        if os.environ.get(RUNNER_ENV):
+            return  # the runner serves /metrics and said what it runs
+        if Finisher is None:
+            say_if_pure_python()
+        if not self.settings.metrics_port:
             return
-        registry = serving_registry(self.metrics, os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        registry = serving_registry(
+            self.metrics,
+            os.environ.get("PROMETHEUS_MULTIPROC_DIR"),
+            self.settings.compiled_hooks and Finisher is not None,
+        )
         try:
             self._metrics_server = start_server(
                 registry, self.settings.metrics_host, self.settings.metrics_port

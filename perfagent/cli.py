@@ -123,6 +123,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         return _run(parser, args)
     if args.command == "console":
+        from perfagent.console import NOT_INSTALLED, missing
+
+        if missing() is not None:
+            sys.stderr.write(f"perfagent: {NOT_INSTALLED}\n")
+            return 2
         from perfagent.console.server import serve
 
         return serve(

@@ -39,7 +39,8 @@ class Settings:
     #: where it was built.
     compiled_hooks: bool = True
     trace_sample: float = 0.01
-    service_name: str = "unknown_service:python"
+    #: Empty: inferred from the app (see ``perfagent.service_name``).
+    service_name: str = ""
     export_interval_s: float = 10.0
     #: With a token, a request sent with ``X-Perfagent-Profile: <token>`` is profiled.
     profile_token: str = ""
@@ -234,6 +235,11 @@ def load_settings(
     _apply(values, given, lambda key: key)
     settings = replace(Settings(), **values)
     _check_otel(environ, settings)
+    if not environ.get("PERFAGENT_RUNNER"):  # the runner already warned, once for the run
+        for line in unknown_variables(environ):
+            if line not in _warned:
+                _warned.add(line)
+                sys.stderr.write(line + "\n")
     return settings
 
 
@@ -248,6 +254,34 @@ def check_overrides(overrides: Mapping[str, Any]) -> None:
     _apply({}, given, lambda key: key)
 
 
+#: ``PERFAGENT_*`` variables read outside the settings (by the console and the runner).
+OTHER_VARIABLES = ("PERFAGENT_CONSOLE_TOKEN", "PERFAGENT_RUNNER")
+_warned: set[str] = set()
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One warning line per ``PERFAGENT_*`` variable the agent does not know, naming
+    the nearest known one: a misspelt setting would otherwise be ignored in silence."""
+    import difflib
+
+    known = [env_name(key) for key in SETTING_NAMES] + list(OTHER_VARIABLES)
+    lines = []
+    for name in sorted(environ):
+        if name.startswith("PERFAGENT_") and name not in known:
+            near = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            hint = f"; did you mean {near[0]}?" if near else ""
+            lines.append(f"perfagent: unknown variable {name} is ignored{hint}")
+    return lines
+
+
+_PROTOCOL_VARIABLES = (
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_LOGS_PROTOCOL",
+)
+
+
 def _check_otel(environ: Mapping[str, str], settings: Settings) -> None:
     """The standard OTEL_* variables the agent honours are checked at start too."""
     from perfagent.tracecontext import Sampler
@@ -257,6 +291,13 @@ def _check_otel(environ: Mapping[str, str], settings: Settings) -> None:
     except ValueError as exc:
         name = environ.get("OTEL_TRACES_SAMPLER", "")
         raise ConfigError(f"perfagent: OTEL_TRACES_SAMPLER={name!r} is not valid: {exc}") from None
+    for variable in _PROTOCOL_VARIABLES:
+        value = environ.get(variable, "").strip().lower()
+        if value and value not in ("http/protobuf", "http/json"):
+            raise ConfigError(
+                f"perfagent: {variable}={environ[variable]!r} is not supported: perfagent sends "
+                "OTLP over HTTP (protobuf); set http/protobuf and the collector's HTTP port (4318)"
+            )
     for variable in (
         "OTEL_EXPORTER_OTLP_ENDPOINT",
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
@@ -276,6 +317,8 @@ def settings_to_environ(settings: Settings) -> dict[str, str]:
     out: dict[str, str] = {}
     for key in SETTING_NAMES:
         value = getattr(settings, key)
+        if key == "service_name" and not value:
+            continue  # each process infers it from its own command line
         if isinstance(value, bool):
             out[env_name(key)] = "1" if value else "0"
         elif isinstance(value, tuple):

@@ -27,8 +27,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from perfagent.bootstrap import RUNNER_ENV, SITE_DIR
+from perfagent.build import compiled, say_if_pure_python
 from perfagent.config import Settings, settings_to_environ
+from perfagent.console import NOT_INSTALLED
+from perfagent.console import missing as console_missing
 from perfagent.profiling.on_demand import ProfileRequests
+from perfagent.service_name import infer
 
 FORWARDED = (
     signal.SIGINT,
@@ -184,13 +188,14 @@ def run(command: list[str], settings: Settings, *, console: bool = True) -> int:
     profiles: ProfileRequests | None = None
     signal.pthread_sigmask(signal.SIG_BLOCK, _WAITED)  # before any thread starts
     try:
+        say_if_pure_python()
         where = []
         if settings.metrics_port:
             from perfagent.export.metrics import serving_registry, start_server
 
             try:
                 metrics_server = start_server(
-                    serving_registry(None, multiprocess_dir),
+                    serving_registry(None, multiprocess_dir, compiled(settings.compiled_hooks)),
                     settings.metrics_host,
                     settings.metrics_port,
                 )
@@ -207,6 +212,9 @@ def run(command: list[str], settings: Settings, *, console: bool = True) -> int:
             where.append(
                 f"console NOT started: {settings.console_url} is not a perfagent console ({found})"
             )
+        elif console_missing() is not None:
+            where.append(f"no console at {settings.console_url}")
+            _say(NOT_INSTALLED)
         else:
             log_path = os.path.join(tempfile.gettempdir(), "perfagent-console.log")
             console_pid = _start_console(settings.console_url, log_path)
@@ -218,7 +226,7 @@ def run(command: list[str], settings: Settings, *, console: bool = True) -> int:
 
         try:
             child = os.posix_spawnp(
-                command[0],
+                _beside_python(command[0]),
                 command,
                 child_environment(settings, multiprocess_dir),
                 setsigmask=(),
@@ -228,7 +236,8 @@ def run(command: list[str], settings: Settings, *, console: bool = True) -> int:
             _say(f"cannot start {command[0]!r}: {exc.strerror}")
             return 127 if isinstance(exc, FileNotFoundError) else 126
         if console:
-            profiles = ProfileRequests(settings.console_url, child, settings.service_name)
+            service = settings.service_name or infer(command, os.environ)
+            profiles = ProfileRequests(settings.console_url, child, service)
             profiles.start()
         status = _wait(child)
         child = None
@@ -252,6 +261,19 @@ def run(command: list[str], settings: Settings, *, console: bool = True) -> int:
         os.kill(os.getpid(), sig)
         return 128 + sig
     return os.waitstatus_to_exitcode(status)
+
+
+def _beside_python(program: str) -> str:
+    """``program`` from this Python's ``bin/`` when it is there, else from ``PATH``.
+
+    The agent loads only into a Python that has perfagent installed: this one.
+    ``.venv/bin/perfagent run -- uvicorn app:app`` then runs the venv's uvicorn,
+    activated or not, rather than another one earlier on ``PATH``.
+    """
+    if os.sep in program:
+        return program
+    beside = os.path.join(os.path.dirname(sys.executable), program)
+    return beside if os.access(beside, os.X_OK) and not os.path.isdir(beside) else program
 
 
 def _wait(child: int) -> int:

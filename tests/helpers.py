@@ -34,6 +34,12 @@ def free_port() -> int:
             return port
 
 
+#: Filled by conftest.py for the whole run: a console URL nothing answers on and a data
+#: folder of the run's own, so that no server a test starts sends to the user's console
+#: (127.0.0.1:6060) or writes the user's ~/.local/share/perfagent/console.db.
+ISOLATED: dict[str, str] = {}
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """The test's environment without any agent settings leaking in from outside."""
     env = {
@@ -41,6 +47,7 @@ def clean_env(**extra: str) -> dict[str, str]:
         for k, v in os.environ.items()
         if not k.startswith(("PERFAGENT_", "OTEL_", "PROMETHEUS_MULTIPROC"))
     }
+    env.update(ISOLATED)
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env

@@ -73,6 +73,17 @@ def _new_events(server: Server, name: str, before: int, wait: float = 5.0) -> li
     return _events(server, name)[before:]
 
 
+def _assert_duration_as_measured(event: dict, took: dict, asleep_ms: float | None = None) -> None:
+    """The reported duration lies between what the block itself measured: at least
+    its own CPU time (or, for a sleep, the time asked for) and at most its own wall
+    time, each with 30 % of give. On a busy machine a block's wall time stretches
+    past its CPU time; the bounds move with it, where a fixed figure would break."""
+    wall_ms, cpu_ms = took["wall"] * 1000.0, took["cpu"] * 1000.0
+    low = 0.7 * max(cpu_ms, asleep_ms or 0.0)
+    high = 1.3 * wall_ms + 20.0  # + a heartbeat's period or two of rounding
+    assert low <= event["duration_ms"] <= high, (event["duration_ms"], took)
+
+
 def _blocks_counted(server: Server) -> dict[str, float]:
     return {
         s.labels["http_route"]: s.value
@@ -104,7 +115,8 @@ def test_a_blocking_call_in_an_async_route_is_one_event_naming_route_and_line(
     server, path, marker, expected_ms
 ):
     before = len(_events(server, BLOCKED))
-    assert server.get(path).status_code == 200
+    response = server.get(path)
+    assert response.status_code == 200
     (event,) = _new_events(server, BLOCKED, before)
 
     assert event["route"] == path and event["method"] == "GET"
@@ -114,8 +126,7 @@ def test_a_blocking_call_in_an_async_route_is_one_event_naming_route_and_line(
     allowed = {f"loop_app.py:{line}", f"loop_app.py:{line + 1}"} if marker == "cpu" else None
     assert event["callsite"] in (allowed or {f"loop_app.py:{line}"}), event
     assert event["duration_ms"] >= 100
-    if expected_ms:
-        assert abs(event["duration_ms"] - expected_ms) <= 0.3 * expected_ms, event
+    _assert_duration_as_measured(event, response.json(), expected_ms)
     stack = event["stack"]
     assert any(frame.startswith(event["callsite"] + " ") for frame in stack), stack
     assert not any("perfagent" in frame for frame in stack), stack
@@ -126,10 +137,12 @@ def test_a_blocking_call_in_an_async_route_is_one_event_naming_route_and_line(
 
 def test_a_regex_holding_the_gil_is_reported_late_with_its_real_duration(server):
     before = len(_events(server, BLOCKED))
-    took_ms = server.get("/regex").json()["seconds"] * 1000.0
+    took = server.get("/regex").json()
     (event,) = _new_events(server, BLOCKED, before)
-    assert abs(event["duration_ms"] - took_ms) <= 0.3 * took_ms, (event, took_ms)
-    assert event["late"] is True
+    _assert_duration_as_measured(event, took)
+    # Seen late (the monitor could not run while the GIL was held); on a loaded machine
+    # part of the gap may instead be put down to the loop thread not getting the CPU.
+    assert event.get("late") is True or event.get("paused_ms", 0) > 0, event
     # The stack is sampled when the GIL comes back; if another thread (here the
     # agent's own, or the app's test HTTP server) takes the GIL first, the loop
     # may have moved on: then no callsite rather than a wrong one.
@@ -146,7 +159,7 @@ def test_a_bare_callback_blocks_with_no_route(server):
     assert event["route"] is None and event["trace_id"] is None
     assert event["callsite"] == f"loop_app.py:{LINE['callback']}"
     assert event["stack"][-1].endswith(" _hog")
-    assert abs(event["duration_ms"] - 250) <= 75
+    _assert_duration_as_measured(event, server.get("/callback-took").json(), 250)
     _assert_counted(server)
     assert _blocks_counted(server)[""] >= 1
 
@@ -187,19 +200,24 @@ def test_waiting_or_offloaded_or_short_work_is_not_a_block(server, path):
 def test_sync_endpoints_queueing_for_the_thread_pool_is_starvation_not_a_block(server):
     before = len(_events(server, BLOCKED))
     starved_before = len(_events(server, STARVED))
-    # Each request holds its thread 1 s, so that the 48 are in flight together even
+    # Each request holds its thread 2 s, so that the 48 are in flight together even
     # when the client's threads are slow to send them: at 0.3 s, with every test module
-    # imported in the test process, the queue formed too late or not at all.
+    # imported in the test process, the queue formed too late or not at all, and at 1 s
+    # not on a machine whose two cores were busy with other work.
     with ThreadPoolExecutor(48) as pool:
         answers = list(
-            pool.map(lambda _: server.get("/sync-sleep?seconds=1").status_code, range(48))
+            pool.map(lambda _: server.get("/sync-sleep?seconds=2").status_code, range(48))
         )
     assert answers == [200] * 48
     (event,) = _new_events(server, STARVED, starved_before)
     assert event["threads"] == 40 and event["waiting"] >= 1
     assert event["holders"] == {"/sync-sleep": 40}
     assert event["duration_ms"] >= 100
-    assert _events(server, BLOCKED)[before:] == []
+    # No request was blocked on the loop: the queue is the pool's. (A stall outside any
+    # request, route None, can appear when 48 threads wake on two busy cores: that is
+    # the detector's contention case, held by its own test.)
+    blocked = [e for e in _events(server, BLOCKED)[before:] if e["route"] is not None]
+    assert blocked == [], blocked
     # And each request's own wait for a thread is measured: 8 of the 48 waited.
     time.sleep(1.5)  # workers merge their counts every second
     waits = {

@@ -180,7 +180,7 @@ def test_the_sqlite3_hook_is_compiled_where_a_compiler_is_found():
     assert drivers.SqlHook is not None, "perfagent/_speedups.c was not built by pip install"
     from perfagent.record import RequestRecord, current
 
-    perfagent.init(metrics_port=0)
+    perfagent.init(metrics_port=0, compiled_hooks=True)  # the C, whatever the run's setting
     connection = sqlite3.connect(":memory:")
     try:
         connection_class = type(connection)
@@ -614,7 +614,7 @@ def test_a_query_is_none_of_the_garbage_collectors_work():
     from perfagent.record import RequestRecord, current
 
     assert drivers.SqlHook is not None, "perfagent/_speedups.c was not built by pip install"
-    perfagent.init(metrics_port=0, console_url="http://127.0.0.1:9")
+    perfagent.init(metrics_port=0, console_url="http://127.0.0.1:9", compiled_hooks=True)
     conn = sqlite3.connect(":memory:")
     conn.execute("CREATE TABLE t (id INTEGER, name TEXT)")
     conn.execute("INSERT INTO t VALUES (1, 'a')")
@@ -680,7 +680,7 @@ def test_the_hook_reads_the_callers_frame_and_sites_without_making_objects():
     from perfagent.record import RequestRecord, current
 
     assert drivers.SqlHook is not None, "perfagent/_speedups.c was not built by pip install"
-    perfagent.init(metrics_port=0, console_url="http://127.0.0.1:9")
+    perfagent.init(metrics_port=0, console_url="http://127.0.0.1:9", compiled_hooks=True)
     conn = sqlite3.connect(":memory:")
     conn.execute("CREATE TABLE t (id INTEGER, name TEXT)")
     cursor = conn.cursor()  # one cursor: no cursor objects made per query
@@ -730,13 +730,13 @@ def test_an_installed_script_is_not_the_apps_code():
     loop that idles: a callsite there would name no line of the app. The app's own
     files, here this test file, stay the app's."""
     import os
-    import shutil
     import sysconfig
 
     from perfagent.db.callsite import AppFrames
 
     frames = AppFrames()
-    script = shutil.which("uvicorn") or os.path.join(sysconfig.get_path("scripts"), "uvicorn")
-    assert not frames.is_app_file(script)
+    # This environment's own script, as perfagent run starts it (PATH may hold another
+    # one, such as a pyenv shim, when the venv is not activated).
+    assert not frames.is_app_file(os.path.join(sysconfig.get_path("scripts"), "uvicorn"))
     assert not frames.is_app_file(os.path.join(sysconfig.get_path("scripts"), "gunicorn"))
     assert frames.is_app_file(__file__)

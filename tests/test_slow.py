@@ -100,7 +100,7 @@ def test_fast_requests_are_not_reported(stack):
 def test_flame_graph_of_a_cpu_bound_route_names_the_hot_function(stack):
     console, app = stack
     assert app.get("/slow/cpu").status_code == 200
-    params = {"service": "unknown_service:python", "route": "/slow/cpu", "method": "GET"}
+    params = {"service": "slow_app", "route": "/slow/cpu", "method": "GET"}
     stacks = poll(
         lambda: requests.get(console.base + "/api/flamegraph", params=params, timeout=5).json()[
             "stacks"

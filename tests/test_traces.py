@@ -68,7 +68,7 @@ def test_slow_and_failed_requests_are_kept_and_the_rest_dropped(servers, receive
     assert attrs["http.request.method"] == "GET" and attrs["http.route"] == "/sleep"
     assert attrs["http.response.status_code"] == 200 and attrs["url.path"] == "/sleep"
     assert attrs["url.scheme"] == "http" and attrs["server.address"] == "127.0.0.1"
-    assert slow["resource"]["service.name"] == "unknown_service:python"
+    assert slow["resource"]["service.name"] == "fastapi_app"  # inferred from the command
 
     failed = by_name["GET /fail"]
     assert failed["status"] == Status.STATUS_CODE_ERROR

@@ -16,7 +16,7 @@ import http.client
 import os
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -109,7 +109,12 @@ class _Target:
 
 class Exporter:
     def __init__(
-        self, console_url: str, service_name: str, metrics: Any, thread: Any, interval_s: float
+        self,
+        console_url: str,
+        service_name: Callable[[], str],
+        metrics: Any,
+        thread: Any,
+        interval_s: float,
     ) -> None:
         self._targets = {s: _Target(s, signal_endpoint(s, console_url)) for s in SIGNALS}
         self._service_name = service_name
@@ -157,7 +162,7 @@ class Exporter:
 
     def _res(self) -> bytes:
         if self._resource is None or self._resource_pid != os.getpid():
-            self._resource, self._resource_pid = resource(self._service_name), os.getpid()
+            self._resource, self._resource_pid = resource(self._service_name()), os.getpid()
         return self._resource
 
     def flush(self) -> None:

@@ -130,15 +130,19 @@ class Metrics:
 
 
 class BuildInfo:
-    """``perfagent_build_info{version}``, served by whichever process serves /metrics."""
+    """``perfagent_build_info{version, compiled}``, served by whichever process serves
+    /metrics; ``compiled`` is "1" when the C speedups run, "0" on the pure-Python path."""
+
+    def __init__(self, compiled: bool) -> None:
+        self._labels = [__version__, "1" if compiled else "0"]
 
     def collect(self) -> Iterator[Metric]:
         family = GaugeMetricFamily(
             "perfagent_build_info",
-            "The perfagent version serving these metrics.",
-            labels=["version"],
+            "The perfagent version serving these metrics, and whether its C speedups run.",
+            labels=["version", "compiled"],
         )
-        family.add_metric([__version__], 1)
+        family.add_metric(self._labels, 1)
         yield family
 
 
@@ -204,7 +208,9 @@ class LiveMultiProcessCollector:
                 pass
 
 
-def serving_registry(own: Metrics | None, multiprocess_dir: str | None) -> CollectorRegistry:
+def serving_registry(
+    own: Metrics | None, multiprocess_dir: str | None, compiled: bool = False
+) -> CollectorRegistry:
     """The registry /metrics shows: the workers' files when there are several, else ours."""
     registry = CollectorRegistry(auto_describe=False)
     if multiprocess_dir:
@@ -213,7 +219,7 @@ def serving_registry(own: Metrics | None, multiprocess_dir: str | None) -> Colle
         registry.register(LiveMultiProcessCollector(multiprocess_dir))
     elif own is not None:
         registry.register(_FlushFirst(own, own.registry))
-    registry.register(BuildInfo())
+    registry.register(BuildInfo(compiled))
     return registry
 
 

@@ -314,6 +314,28 @@ def _mount_handle(agent: Agent, original: Any) -> Any:
     return handle
 
 
+def _router_names_route(routing: Any) -> bool:
+    """Whether this Starlette's routes put themselves in the scope as ``scope["route"]``
+    (asked once, of a route made for the purpose)."""
+    try:
+        route = routing.Route("/perfagent-probe", lambda request: None)
+        scope = {"type": "http", "path": "/perfagent-probe", "method": "GET", "root_path": ""}
+        _, child = route.matches(scope)
+        return "route" in child
+    except Exception:
+        return True  # cannot tell: leave the routes alone
+
+
+def _matches_naming_route(original: Any, no_match: Any) -> Any:
+    def matches(self: Any, scope: Any) -> Any:
+        match, child_scope = original(self, scope)
+        if match is not no_match:
+            child_scope["route"] = self
+        return match, child_scope
+
+    return matches
+
+
 def _has_otel_middleware(stack: Any) -> bool:
     """True when OpenTelemetry's ASGI middleware (contrib's or Starlette's) is in the stack."""
     seen: set[int] = set()
@@ -350,6 +372,13 @@ class AsgiInstrumentation:
         self._routing_patched = True
         mount = routing.Mount
         self.agent.patches.append(Patch(mount, "handle", _mount_handle(self.agent, mount.handle)))
+        if not _router_names_route(routing):
+            # Starlette before ~0.24 (FastAPI's own routes always did) leaves the
+            # matched route out of the scope: name it there, for those versions only.
+            for cls in (routing.Route, routing.WebSocketRoute, routing.Mount):
+                if "matches" in cls.__dict__:
+                    matches = _matches_naming_route(cls.__dict__["matches"], routing.Match.NONE)
+                    self.agent.patches.append(Patch(cls, "matches", matches))
 
     def patch_class(self, cls: Any) -> None:
         """Every app of ``cls`` built from now on gets the adapter."""

@@ -97,10 +97,14 @@ class Instrumentations:
     def instrument_app(self, app: Any) -> None:
         self.thread_pool()
         kind = framework_of(app)
-        if kind == "flask":
-            self.flask.instrument_app(app)
-        elif kind == "starlette":
-            self.asgi.instrument_app(app)
+        if kind is not None:
+            try:  # an app of a version the adapter cannot read must still start
+                if kind == "flask":
+                    self.flask.instrument_app(app)
+                else:
+                    self.asgi.instrument_app(app)
+            except Exception as exc:
+                self.agent.internal_error(f"instrument {kind} app", exc)
         else:
             raise TypeError(
                 f"perfagent.init(app): {type(app).__qualname__} is not a Flask, FastAPI, "

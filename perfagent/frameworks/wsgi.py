@@ -13,6 +13,7 @@ adapter then only names the route, so the request is counted once.
 from __future__ import annotations
 
 import hmac
+import sys
 from threading import get_ident
 from time import perf_counter
 from typing import Any
@@ -21,12 +22,38 @@ from perfagent.agent import Agent
 from perfagent.patching import Patch
 from perfagent.record import RequestRecord, current, normalize_method
 
+#: The oldest Flask the adapter supports (what it reads of Flask exists from there on).
+OLDEST_FLASK = (2, 0)
+
+
+def flask_version() -> tuple[tuple[int, ...], str]:
+    """The installed Flask's version, as numbers and as written (``flask.__version__``
+    warns from Flask 3.0 on, so it is read from the package's metadata)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        text = version("flask")
+    except PackageNotFoundError:
+        return (), "unknown"
+    numbers = []
+    for part in text.split(".")[:2]:
+        digits = "".join(c for c in part if c.isdigit())
+        numbers.append(int(digits) if digits else 0)
+    return tuple(numbers), text
+
 
 def _flask_rule_reader() -> Any:
-    """A function returning the matched ``url_rule`` of the current Flask request, or None."""
+    """A function returning the matched ``url_rule`` of the current Flask request, or None.
+
+    Flask 2.2 keeps its contexts in context variables (``_cv_request``, or
+    ``_cv_app`` alone from 3.2, which merged the two); Flask 2.0 and 2.1 in
+    ``_request_ctx_stack``, a werkzeug ``LocalStack`` (deprecated, with a
+    warning, from 2.2: read only where the variables are missing).
+    """
     from flask import globals as flask_globals
 
-    request_var = getattr(flask_globals, "_cv_request", None)
+    names = vars(flask_globals)
+    request_var = names.get("_cv_request")
     if request_var is not None:
 
         def read() -> Any:
@@ -34,14 +61,22 @@ def _flask_rule_reader() -> Any:
             return None if ctx is None else ctx.request.url_rule
 
         return read
-    app_var = flask_globals._cv_app  # Flask versions that merged the two contexts
+    app_var = names.get("_cv_app")
+    if app_var is not None:  # Flask versions that merged the two contexts
 
-    def read_merged() -> Any:
-        ctx = app_var.get(None)
-        request = getattr(ctx, "_request", None) or getattr(ctx, "request", None)
-        return None if request is None else request.url_rule
+        def read_merged() -> Any:
+            ctx = app_var.get(None)
+            request = getattr(ctx, "_request", None) or getattr(ctx, "request", None)
+            return None if request is None else request.url_rule
 
-    return read_merged
+        return read_merged
+    stack = names["_request_ctx_stack"]  # Flask 2.0 and 2.1
+
+    def read_stack() -> Any:
+        ctx = stack.top
+        return None if ctx is None else ctx.request.url_rule
+
+    return read_stack
 
 
 class _Body:
@@ -110,6 +145,7 @@ class FlaskInstrumentation:
         self.agent = agent
         self._read_rule: Any = None
         self._resolve: Any = None
+        self._supported: bool | None = None
 
     def _serve(self, app: Any, wsgi_app: Any, environ: Any, start_response: Any) -> Any:
         """Wraps one call of a Flask app's ``wsgi_app``."""
@@ -202,6 +238,21 @@ class FlaskInstrumentation:
             return body
         return _Body(body, record, agent)
 
+    def supported(self) -> bool:
+        """False, after one log line naming the version, on a Flask older than 2.0."""
+        if self._supported is None:
+            numbers, text = flask_version()
+            self._supported = not numbers or numbers >= OLDEST_FLASK
+            if not self._supported:
+                # Straight to stderr: the agent's log is written by its thread, which
+                # starts with the first request the adapter sees, and none will come.
+                sys.stderr.write(
+                    f"perfagent: Flask {text} is not supported (Flask 2.0 or newer): "
+                    "this app runs without the agent\n"
+                )
+                sys.stderr.flush()
+        return self._supported
+
     def _ensure_reader(self) -> None:
         if self._read_rule is None:
             self._read_rule = _flask_rule_reader()
@@ -215,6 +266,8 @@ class FlaskInstrumentation:
 
     def patch_class(self, flask_cls: Any) -> None:
         """Every Flask app, created before or after, gets the adapter."""
+        if not self.supported():
+            return
         self._ensure_reader()
         original = flask_cls.__dict__["wsgi_app"]
         serve = self._serve
@@ -228,6 +281,10 @@ class FlaskInstrumentation:
 
     def instrument_app(self, app: Any) -> None:
         """This one Flask app gets the adapter."""
+        if not self.supported():
+            return
+        if self.agent.app_name is None:
+            self.agent.app_name = getattr(app, "import_name", None)
         self._ensure_reader()
         inner = app.wsgi_app
         serve = self._serve
