@@ -945,15 +945,17 @@ observe(PyObject *table, const Bounds *bounds, PyObject *a, PyObject *b, PyObjec
     return result;
 }
 
-/* The buffers last found per thread, by thread id and ``stats.local``: reading a
+/* The buffers last found per thread, by thread state id and ``stats.local``: reading a
  * ``threading.local`` attribute looks up the thread's dict, then the attribute in it
  * (~700 CPU instructions, three times a request). A slot holds its ``local``, so no
  * other object can take its address while cached; a new ``local`` (after a fork, a new
- * agent) misses. A thread id reused by a new thread finds the ended thread's buffer:
- * still written by one thread only, and merged as before. */
+ * agent) misses. Keyed by ``PyThreadState_GetID``, never reused in a process, not by
+ * the OS thread id: a thread id reused by a new thread would find the ended thread's
+ * buffer, which stats.py drops once merged (thread-per-request servers), and its
+ * counts would be lost. A thread state is what ``threading.local`` keys on too. */
 #define BUFFER_SLOTS 16
 static struct {
-    unsigned long thread;
+    uint64_t thread;
     PyObject *local;
     PyObject *buffer;
 } buffer_slots[BUFFER_SLOTS];
@@ -967,9 +969,8 @@ thread_buffer(PyObject *stats)
     if (local == NULL) {
         return NULL;
     }
-    unsigned long thread = PyThread_get_thread_ident();
-    /* Thread ids are addresses some MiB apart: their middle bits, mixed. */
-    size_t at = (size_t)(((uint64_t)thread * 0x9E3779B97F4A7C15u) >> 60) % BUFFER_SLOTS;
+    uint64_t thread = PyThreadState_GetID(PyThreadState_Get()); /* from 1: 0 is no slot */
+    size_t at = (size_t)((thread * 0x9E3779B97F4A7C15u) >> 60) % BUFFER_SLOTS;
     if (buffer_slots[at].thread == thread && buffer_slots[at].local == local) {
         Py_DECREF(local);
         return Py_NewRef(buffer_slots[at].buffer);

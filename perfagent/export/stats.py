@@ -12,12 +12,20 @@ prometheus-client values every second (so multiprocess files and the runner's
 ``/metrics`` lag by at most that), and so does every in-process scrape and
 OTLP export just before reading, so those are exact. ``flush()`` at shutdown
 and at exit writes the rest.
+
+A buffer lives as long as its thread. Thread-per-request servers (``flask run``,
+``app.run()``, threaded werkzeug) start a thread for every request: kept for good,
+30,000 requests made 30,000 buffers (+20 MiB) and a merge that took 78-208 ms
+holding the GIL. A thread's ``local`` also holds a ``_ThreadEnd``, freed with the
+thread's local dict when the thread ends; it hands the buffer to the next flush,
+which merges it one last time and drops it.
 """
 
 from __future__ import annotations
 
 import threading
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,6 +60,21 @@ class _ThreadBuffer:
         self.tables: list[dict[tuple, list[Any]]] = [{} for _ in range(slots)]
 
 
+class _ThreadEnd:
+    """Beside a thread's buffer in ``RequestStats.local``: freed when the thread ends
+    (its local dict goes with it), it queues the buffer for a last merge. Nothing else
+    holds it, so ``__del__`` runs then, on the ending thread, after its last write."""
+
+    __slots__ = ("buffer", "ended")
+
+    def __init__(self, buffer: _ThreadBuffer, ended: deque) -> None:
+        self.buffer = buffer
+        self.ended = ended
+
+    def __del__(self) -> None:
+        self.ended.append(self.buffer)  # atomic under the GIL; no lock on a dying thread
+
+
 def _observe(table: dict[tuple, list[Any]], histogram: Buffered, key: tuple, value: float) -> None:
     """One observation into a thread's table for ``histogram``."""
     entry = table.get(key)
@@ -72,6 +95,8 @@ class RequestStats:
         #: What holds each thread's ``buffer``; a new one after a fork.
         self.local = threading.local()
         self._buffers: list[_ThreadBuffer] = []
+        #: Buffers of threads that ended, to merge a last time and drop (``_ThreadEnd``).
+        self._ended: deque[_ThreadBuffer] = deque()
         self._register = threading.Lock()  # once per thread, never per request
         self._flush_lock = threading.Lock()  # agent thread and scrapes; never a request
         #: id(entry) -> what was merged of it already (a histogram entry's copy, a count)
@@ -89,10 +114,17 @@ class RequestStats:
         try:
             return self.local.buffer
         except AttributeError:
-            buffer = self.local.buffer = _ThreadBuffer(len(self._histograms))
+            buffer = _ThreadBuffer(len(self._histograms))
             with self._register:
                 self._buffers.append(buffer)
+            self.local.buffer = buffer
+            self.local.end = _ThreadEnd(buffer, self._ended)
             return buffer
+
+    @property
+    def live_buffers(self) -> int:
+        """How many threads' buffers are kept (merged at each flush)."""
+        return len(self._buffers)
 
     # -- request path -------------------------------------------------------
 
@@ -174,6 +206,12 @@ class RequestStats:
     def flush(self) -> None:
         """Adds what every thread recorded since the last flush to the prometheus values."""
         with self._flush_lock:
+            # Taken before the merge: a buffer queued from here on is merged now and
+            # dropped at the next flush, so each is merged once more after its thread
+            # ended, never lost and never counted twice.
+            ended = []
+            while self._ended:
+                ended.append(self._ended.popleft())
             in_flight: dict[str, int] = {}
             for buffer in list(self._buffers):
                 for method, (started, finished) in list(buffer.active.items()):
@@ -192,6 +230,23 @@ class RequestStats:
                 if child is None:
                     child = self._gauge_children[method] = self._gauge.labels(method)
                 child.set(value)
+            for buffer in ended:
+                self._drop(buffer)
+
+    def _drop(self, buffer: _ThreadBuffer) -> None:
+        """Forgets a merged buffer of an ended thread, and what was merged of it (keyed by
+        ``id``: a later entry may get the same address)."""
+        with self._register:
+            try:
+                self._buffers.remove(buffer)
+            except ValueError:
+                return  # not ours: a buffer of before a fork
+        merged = self._merged
+        for table in buffer.tables:
+            for entry in table.values():
+                merged.pop(id(entry), None)
+        for entry in buffer.counts.values():
+            merged.pop(id(entry), None)
 
     def _merge(self, histogram: Buffered, key: tuple, entry: list[Any]) -> None:
         now = list(entry)  # one snapshot; the owner thread may be adding to it
@@ -230,6 +285,7 @@ class RequestStats:
 
     def after_fork_in_child(self) -> None:
         """A forked worker starts from zero: its parent's counts are the parent's."""
+        self._ended = deque()  # before the new local: the old one's ends go to the old deque
         self.local = threading.local()
         self._buffers = []
         self._merged = {}
