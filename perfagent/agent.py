@@ -79,9 +79,15 @@ class Agent:
             self.metrics,
             self.export_thread,
             settings.export_interval_s,
+            settings.max_export_bytes,
         )
         self.otel = self._otel_bridge()
-        self.capture = QueryCapture(self.internal_error, settings.compiled_hooks)
+        self.capture = QueryCapture(
+            self.internal_error,
+            settings.compiled_hooks,
+            settings.max_calls_per_request,
+            self.metrics.stats.histograms[2].bounds,
+        )
         #: Requests in flight -> (thread id, asyncio task or None), for the sampler.
         self.inflight: dict[RequestRecord, tuple[int, Any]] = {}
         self.stack_sampler = StackSampler(

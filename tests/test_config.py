@@ -53,6 +53,9 @@ def test_otel_service_name_is_honoured(tmp_path):
         ("PERFAGENT_CONSOLE_URL", "ftp://x"),
         ("PERFAGENT_NPLUSONE_MIN", "1.5"),
         ("PERFAGENT_TRACE_SAMPLE", "2"),
+        ("PERFAGENT_MAX_CALLS_PER_REQUEST", "0"),
+        ("PERFAGENT_MAX_CALLS_PER_REQUEST", "many"),
+        ("PERFAGENT_MAX_EXPORT_BYTES", "1000"),
     ],
 )
 def test_bad_environment_value_is_one_line_naming_it(tmp_path, variable, value):

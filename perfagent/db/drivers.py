@@ -28,7 +28,7 @@ from types import ModuleType
 from typing import Any
 
 from perfagent.db.callsite import origin
-from perfagent.db.capture import QueryCapture
+from perfagent.db.capture import CallsPastCap, QueryCapture
 from perfagent.patching import Patch
 from perfagent.record import current
 
@@ -139,6 +139,9 @@ def _sqlite_hook(
         capture.fingerprints.cache,
         capture.frames,
         many,
+        capture.max_calls,
+        CallsPastCap,
+        tuple(capture.bounds),
     )
 
 

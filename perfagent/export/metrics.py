@@ -107,6 +107,7 @@ class Metrics:
                 Buffered(self.thread_pool_wait, DB_BUCKETS),
             ],
         )
+        self.stats.dropped_calls = self.dropped.labels("calls")
         self._slow_children: dict[tuple[str, str], Any] = {}
 
     def request_ended(self, record: RequestRecord) -> None:
@@ -119,6 +120,7 @@ class Metrics:
             (route,),
             record.queries,
             record.thread_wait,
+            record.past_cap,
         )
 
     def count_slow(self, record: RequestRecord) -> None:

@@ -92,6 +92,8 @@ class RequestStats:
         self.compiled = True
         self._gauge = gauge
         self._histograms = list(histograms)
+        #: ``perfagent_dropped_total{what="calls"}``: calls of a request past its cap.
+        self.dropped_calls: Any = None
         #: What holds each thread's ``buffer``; a new one after a fork.
         self.local = threading.local()
         self._buffers: list[_ThreadBuffer] = []
@@ -146,6 +148,7 @@ class RequestStats:
         route_key: tuple,
         queries: list[Any] | None,
         thread_wait: float,
+        past_cap: Any = None,
     ) -> None:
         """A finished request: no longer in flight, its duration (slot 0), query
         count (1), queries (2) and wait for a pool thread (3, when it had one).
@@ -162,11 +165,38 @@ class RequestStats:
             counts[1] += 1
         tables, histograms = buffer.tables, self._histograms
         _observe(tables[0], histograms[0], duration_key, duration)
-        _observe(tables[1], histograms[1], route_key, len(queries) if queries else 0)
+        count = len(queries) if queries else 0
+        if past_cap is not None:
+            count += past_cap.count
+        _observe(tables[1], histograms[1], route_key, count)
         if thread_wait >= 0.0:
             _observe(tables[3], histograms[3], route_key, thread_wait)
         if queries:
             self._observe_queries(tables[2], histograms[2], queries)
+        if past_cap is not None:
+            self.add_past_cap(tables[2], past_cap)
+
+    def add_past_cap(self, table: dict, past_cap: Any) -> None:
+        """A request's calls past the cap (``db.capture.CallsPastCap``) into the calling
+        thread's query ``table``, and counted as dropped calls. The C ``finish`` calls
+        it too, for the rare request that went past the cap."""
+        for key, counts in past_cap.table.items():
+            entry = table.get(key)
+            if entry is None:
+                table[key] = list(counts)
+            else:
+                for index, value in enumerate(counts):
+                    entry[index] += value
+        if self.dropped_calls is not None and past_cap.count:
+            try:
+                totals = self.local.buffer.counts
+            except AttributeError:
+                totals = self.buffer().counts
+            entry = totals.get(self.dropped_calls)
+            if entry is None:
+                totals[self.dropped_calls] = [past_cap.count]
+            else:
+                entry[0] += past_cap.count
 
     def count(self, child: Any) -> None:
         """``child.inc()`` for a counter that may go up on every request (an N+1

@@ -264,7 +264,7 @@ class _Request:
                     if record.queries:
                         value += b', db;dur=%.3f;desc="%d queries"' % (
                             record.db_time * 1000.0,
-                            len(record.queries),
+                            record.query_count,
                         )
                     message["headers"] = [*message.get("headers", ()), (_SERVER_TIMING, value)]
             except Exception as exc:

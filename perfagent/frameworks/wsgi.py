@@ -132,7 +132,7 @@ class FlaskInstrumentation:
                     value = f"total;dur={(now - record.start) * 1000.0:.3f}"
                     if record.queries:
                         db_ms = record.db_time * 1000.0
-                        value += f', db;dur={db_ms:.3f};desc="{len(record.queries)} queries"'
+                        value += f', db;dur={db_ms:.3f};desc="{record.query_count} queries"'
                     headers.append(("Server-Timing", value))
             except Exception as exc:
                 agent.internal_error("flask.start_response", exc)
