@@ -37,6 +37,9 @@ except ImportError:
 
 #: Query findings of one kind, route, shape and call site are exported at most this often.
 REPEAT_EVERY_S = 10.0
+#: With no request finished, the next merge check waits this long: the stack sampler's
+#: wait at the default slow threshold, so an idle agent thread wakes no more often.
+QUIET_MERGE_WAIT_S = 0.25
 _THROTTLED = frozenset(("n_plus_one", "duplicate_query"))
 
 
@@ -67,7 +70,14 @@ class Agent:
         self.sampler = Sampler.from_environment(settings.trace_sample)
         self.thread = AgentThread(self.internal_error)
         self.thread.every(WRITE_EVERY_S, self._write_log)
-        self.thread.every(1.0, self.metrics.stats.flush)
+        # Recorded requests reach the metrics (and under ``perfagent run`` the workers'
+        # files) every metrics_flush_s while requests finish: what SIGKILL can lose.
+        stats, flush_s = self.metrics.stats, settings.metrics_flush_s
+        self.thread.every(
+            flush_s,
+            lambda: stats.merge_recent(flush_s, QUIET_MERGE_WAIT_S),
+            stats.merge_wait,
+        )
         # Exports wait on the network (up to TIMEOUT_S a post against a collector that
         # hangs): on a thread of their own, so that the stack sampler and the log writer
         # keep their pace whatever the collector does. The agent thread starts it.

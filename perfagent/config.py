@@ -55,6 +55,9 @@ class Settings:
     #: Bytes of one OTLP request of spans: a collector refuses a larger one and every
     #: trace in it; a trace larger alone is cut to its first spans (counted).
     max_export_bytes: int = 4 * 1024 * 1024
+    #: Seconds between merges of the recorded requests into the metrics while requests
+    #: finish: what a worker killed with SIGKILL can lose (stats.py).
+    metrics_flush_s: float = 0.1
 
 
 def _parse_bool(text: Any) -> bool:
@@ -161,6 +164,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "regression_window_s": _number(1, 86400, integer=False, unit="seconds"),
     "max_calls_per_request": _number(1, 10_000_000, integer=True, unit="a number of calls"),
     "max_export_bytes": _number(65_536, 1 << 30, integer=True, unit="bytes"),
+    "metrics_flush_s": _number(0.01, 60, integer=False, unit="seconds"),
 }
 SETTING_NAMES: tuple[str, ...] = tuple(f.name for f in fields(Settings))
 

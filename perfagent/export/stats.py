@@ -8,10 +8,15 @@ dict lookup, a ``bisect`` and two list increments (well under 1 µs).
 
 Each thread writes only its own buffer, so no update is lost and no lock is
 taken on the request path. The agent thread merges what changed into the
-prometheus-client values every second (so multiprocess files and the runner's
-``/metrics`` lag by at most that), and so does every in-process scrape and
-OTLP export just before reading, so those are exact. ``flush()`` at shutdown
-and at exit writes the rest.
+prometheus-client values every ``metrics_flush_s`` (0.1 s) while requests
+finish (so multiprocess files and the runner's ``/metrics`` lag by at most
+that, and a worker killed with SIGKILL loses at most the requests of that
+long), and so does every in-process scrape and OTLP export just before
+reading, so those are exact. ``flush()`` at shutdown and at exit writes the
+rest. A merge of a process with many series takes longer (~0.5 µs a series):
+the next one then waits 50 times its duration, so merging takes at most 2% of
+the agent thread's time; with no request finished the check costs a few
+dictionary reads and waits for the next as long as the stack sampler does.
 
 A buffer lives as long as its thread. Thread-per-request servers (``flask run``,
 ``app.run()``, threaded werkzeug) start a thread for every request: kept for good,
@@ -27,6 +32,7 @@ import threading
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Sequence
+from time import perf_counter
 from typing import Any
 
 try:  # built by pip where a C compiler is found (perfagent/_speedups.c)
@@ -106,6 +112,10 @@ class RequestStats:
         self._gauge_children: dict[str, Any] = {}
         #: (method, route) -> request counts per duration bucket since ``take_window()``.
         self._window: dict[tuple[str, str], list[int]] = {}
+        #: Requests finished in the buffers kept, at the end of the last flush.
+        self._finished_then = 0
+        #: Seconds until the next ``merge_recent`` (``merge_wait``): its interval, or more.
+        self._wait = 0.0
 
     @property
     def histograms(self) -> list[Buffered]:
@@ -233,6 +243,29 @@ class RequestStats:
 
     # -- agent thread, scrapes, exports ----------------------------------------
 
+    def _finished(self) -> int:
+        """Requests finished in the buffers kept: a few dictionary reads a thread."""
+        total = 0
+        for buffer in list(self._buffers):
+            for counts in list(buffer.active.values()):
+                total += counts[1]
+        return total
+
+    def merge_recent(self, interval: float, quiet_wait: float) -> None:
+        """Agent-thread task, every ``interval`` (``metrics_flush_s``): a flush when a
+        request finished since the last one. ``merge_wait`` then says how long the next
+        may wait: ``quiet_wait`` after a check that found nothing, 50 times this
+        flush's duration when that is longer than ``interval``."""
+        if not self._ended and self._finished() == self._finished_then:
+            self._wait = max(interval, quiet_wait)
+            return
+        start = perf_counter()
+        self.flush()
+        self._wait = max(interval, 50.0 * (perf_counter() - start))
+
+    def merge_wait(self) -> float:
+        return self._wait
+
     def flush(self) -> None:
         """Adds what every thread recorded since the last flush to the prometheus values."""
         with self._flush_lock:
@@ -262,6 +295,7 @@ class RequestStats:
                 child.set(value)
             for buffer in ended:
                 self._drop(buffer)
+            self._finished_then = self._finished()
 
     def _drop(self, buffer: _ThreadBuffer) -> None:
         """Forgets a merged buffer of an ended thread, and what was merged of it (keyed by
@@ -320,5 +354,6 @@ class RequestStats:
         self._buffers = []
         self._merged = {}
         self._window = {}
+        self._finished_then = 0
         self._register = threading.Lock()
         self._flush_lock = threading.Lock()
