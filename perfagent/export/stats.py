@@ -42,14 +42,15 @@ except ImportError:
 
 
 class Buffered:
-    """One prometheus-client histogram, fed through per-thread buffers."""
+    """One histogram (``series.HistogramSeries``), fed through per-thread buffers."""
 
     def __init__(self, histogram: Any, bounds: Sequence[float]) -> None:
         self.histogram = histogram
         self.bounds = list(bounds)
         self.float_bounds = tuple(float(bound) for bound in bounds)
         self.width = len(self.bounds) + 1
-        self.children: dict[tuple, Any] = {}
+        #: label values as recorded -> as shown (str): each converted once.
+        self.labels: dict[tuple, tuple[str, ...]] = {}
 
 
 class _ThreadBuffer:
@@ -319,25 +320,29 @@ class RequestStats:
             before = [0] * histogram.width + [0.0]
         if now == before:
             return
-        child = histogram.children.get(key)
-        if child is None:
-            labels = ["" if value is None else str(value) for value in key]
-            child = histogram.children[key] = histogram.histogram.labels(*labels)
-        # prometheus-client keeps one value per bucket (not cumulative) and the sum;
-        # adding to them directly is what observe() does, once per observation.
+        labels = histogram.labels.get(key)
+        if labels is None:
+            labels = histogram.labels[key] = tuple(
+                "" if value is None else str(value) for value in key
+            )
+        totals = histogram.histogram.series(labels)
         window = None
         if histogram is self._histograms[0]:  # request durations: also kept per window
             route_key = (key[0], key[1])
             window = self._window.get(route_key)
             if window is None:
                 window = self._window[route_key] = [0] * histogram.width
+        changed = []
         for index in range(histogram.width):
             delta = now[index] - before[index]
             if delta:
-                child._buckets[index].inc(delta)
+                totals[index] += delta
+                changed.append(index)
                 if window is not None:
                     window[index] += delta
-        child._sum.inc(now[-1] - before[-1])
+        totals[-1] += now[-1] - before[-1]
+        changed.append(histogram.width)
+        histogram.histogram.written(labels, changed)
         self._merged[id(entry)] = now
 
     def take_window(self) -> dict[tuple[str, str], list[int]]:
@@ -349,6 +354,8 @@ class RequestStats:
 
     def after_fork_in_child(self) -> None:
         """A forked worker starts from zero: its parent's counts are the parent's."""
+        for histogram in self._histograms:
+            histogram.histogram.reset()
         self._ended = deque()  # before the new local: the old one's ends go to the old deque
         self.local = threading.local()
         self._buffers = []
