@@ -862,6 +862,33 @@ make_record(PyObject *cls, PyObject *method, PyObject *start, PyObject *carrier)
 static PyObject *str_headers; /* "headers" (defined with the ASGI adapter's names) */
 static PyObject *one, *zero; /* the ints 1 and 0 */
 static PyObject *str_trace_id_property, *str_counts;
+static PyObject *str_past_cap, *str_count, *str_duration, *str_add_past_cap;
+static double attr_double(PyObject *record, PyObject *name, double otherwise);
+
+/* ``record.past_cap`` (db/capture.py ``CallsPastCap``, the calls past the request's
+ * cap, counted only): a new reference to it, its count and its summed duration; None
+ * and 0 for nearly every request. NULL with an error set on failure. */
+static PyObject *
+calls_past_cap(PyObject *record, Py_ssize_t *count, double *duration)
+{
+    *count = 0;
+    *duration = 0.0;
+    PyObject *past = get_attr(record, str_past_cap);
+    if (past == NULL || past == Py_None) {
+        return past;
+    }
+    PyObject *n = get_attr(past, str_count);
+    *count = n == NULL ? -1 : PyLong_AsSsize_t(n);
+    Py_XDECREF(n);
+    *duration = *count < 0 ? -1.0 : attr_double(past, str_duration, 0.0);
+    if (*count < 0 || (*duration == -1.0 && PyErr_Occurred())) {
+        Py_CLEAR(past);
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_ValueError, "a negative count of calls past the cap");
+        }
+    }
+    return past;
+}
 static PyObject *bits_128; /* the int 128 */
 
 #define MAX_BOUNDS 32
@@ -945,15 +972,17 @@ observe(PyObject *table, const Bounds *bounds, PyObject *a, PyObject *b, PyObjec
     return result;
 }
 
-/* The buffers last found per thread, by thread id and ``stats.local``: reading a
+/* The buffers last found per thread, by thread state id and ``stats.local``: reading a
  * ``threading.local`` attribute looks up the thread's dict, then the attribute in it
  * (~700 CPU instructions, three times a request). A slot holds its ``local``, so no
  * other object can take its address while cached; a new ``local`` (after a fork, a new
- * agent) misses. A thread id reused by a new thread finds the ended thread's buffer:
- * still written by one thread only, and merged as before. */
+ * agent) misses. Keyed by ``PyThreadState_GetID``, never reused in a process, not by
+ * the OS thread id: a thread id reused by a new thread would find the ended thread's
+ * buffer, which stats.py drops once merged (thread-per-request servers), and its
+ * counts would be lost. A thread state is what ``threading.local`` keys on too. */
 #define BUFFER_SLOTS 16
 static struct {
-    unsigned long thread;
+    uint64_t thread;
     PyObject *local;
     PyObject *buffer;
 } buffer_slots[BUFFER_SLOTS];
@@ -967,9 +996,8 @@ thread_buffer(PyObject *stats)
     if (local == NULL) {
         return NULL;
     }
-    unsigned long thread = PyThread_get_thread_ident();
-    /* Thread ids are addresses some MiB apart: their middle bits, mixed. */
-    size_t at = (size_t)(((uint64_t)thread * 0x9E3779B97F4A7C15u) >> 60) % BUFFER_SLOTS;
+    uint64_t thread = PyThreadState_GetID(PyThreadState_Get()); /* from 1: 0 is no slot */
+    size_t at = (size_t)((thread * 0x9E3779B97F4A7C15u) >> 60) % BUFFER_SLOTS;
     if (buffer_slots[at].thread == thread && buffer_slots[at].local == local) {
         Py_DECREF(local);
         return Py_NewRef(buffer_slots[at].buffer);
@@ -999,7 +1027,9 @@ request_metrics(Finisher *self, PyObject *record, double duration)
 {
     int result = -1;
     PyObject *buffer = NULL, *active = NULL, *tables = NULL, *method = NULL, *route = NULL,
-             *status = NULL, *queries = NULL, *wait = NULL, *table[4] = {NULL};
+             *status = NULL, *queries = NULL, *wait = NULL, *past = NULL, *table[4] = {NULL};
+    Py_ssize_t past_count;
+    double past_duration;
     if ((buffer = thread_buffer(self->stats)) == NULL ||
         (active = get_attr(buffer, str_active)) == NULL ||
         (tables = get_attr(buffer, str_tables)) == NULL ||
@@ -1007,7 +1037,8 @@ request_metrics(Finisher *self, PyObject *record, double duration)
         (route = get_attr(record, str_route)) == NULL ||
         (status = get_attr(record, str_status)) == NULL ||
         (queries = get_attr(record, str_queries)) == NULL ||
-        (wait = get_attr(record, str_thread_wait)) == NULL) {
+        (wait = get_attr(record, str_thread_wait)) == NULL ||
+        (past = calls_past_cap(record, &past_count, &past_duration)) == NULL) {
         goto done;
     }
     if (!PyDict_Check(active) || !PyList_Check(tables) || PyList_GET_SIZE(tables) < 4) {
@@ -1042,7 +1073,7 @@ request_metrics(Finisher *self, PyObject *record, double duration)
         goto done;
     }
     Py_ssize_t n = queries == Py_None ? 0 : PyObject_Length(queries);
-    if (n < 0 || observe(table[1], &self->count, route, NULL, NULL, (double)n) < 0) {
+    if (n < 0 || observe(table[1], &self->count, route, NULL, NULL, (double)(n + past_count)) < 0) {
         goto done;
     }
     double waited = PyFloat_AsDouble(wait);
@@ -1060,8 +1091,17 @@ request_metrics(Finisher *self, PyObject *record, double duration)
         }
         Py_DECREF(none);
     }
+    if (past != Py_None) { /* rare: a request past its cap; stats.add_past_cap in Python */
+        PyObject *args[3] = {self->stats, table[2], past};
+        PyObject *none = PyObject_VectorcallMethod(str_add_past_cap, args, 3, NULL);
+        if (none == NULL) {
+            goto done;
+        }
+        Py_DECREF(none);
+    }
     result = 0;
 done:
+    Py_XDECREF(past);
     Py_XDECREF(buffer);
     Py_XDECREF(active);
     Py_XDECREF(tables);
@@ -2015,11 +2055,19 @@ server_timing_value(PyObject *record, double now)
     if (queries == NULL) {
         return NULL;
     }
+    Py_ssize_t past_count;
+    double past_duration;
+    PyObject *past = calls_past_cap(record, &past_count, &past_duration);
+    if (past == NULL) {
+        Py_DECREF(queries);
+        return NULL;
+    }
+    Py_DECREF(past);
     char text[128]; /* the longest: 3 numbers of at most 21 characters, 42 of text */
     char *end = put_ms(memcpy(text, "total;dur=", 10) + 10, (now - start) * 1000.0);
     Py_ssize_t n = PyList_Check(queries) ? PyList_GET_SIZE(queries) : 0;
     if (n > 0) {
-        double seconds = 0.0; /* record.db_time: the queries' durations, summed */
+        double seconds = past_duration; /* record.db_time: the queries' durations, summed */
         /* The size read again: a query that is not ours is read by its __getitem__. */
         for (Py_ssize_t i = 0; i < PyList_GET_SIZE(queries); i++) {
             double duration = query_duration(PyList_GET_ITEM(queries, i));
@@ -2030,9 +2078,10 @@ server_timing_value(PyObject *record, double now)
             seconds += duration;
         }
         end = put_ms(memcpy(end, ", db;dur=", 9) + 9, seconds * 1000.0);
-        end = put_digits(memcpy(end, ";desc=\"", 7) + 7, (unsigned long long)n, 1);
-        end = n == 1 ? (char *)memcpy(end, " query\"", 7) + 7
-                     : (char *)memcpy(end, " queries\"", 9) + 9;
+        Py_ssize_t count = n + past_count;
+        end = put_digits(memcpy(end, ";desc=\"", 7) + 7, (unsigned long long)count, 1);
+        end = count == 1 ? (char *)memcpy(end, " query\"", 7) + 7
+                         : (char *)memcpy(end, " queries\"", 9) + 9;
     }
     Py_DECREF(queries);
     return PyBytes_FromStringAndSize(text, end - text);
@@ -2802,7 +2851,8 @@ make_constants(void)
         INTERN(counts) INTERN(type) INTERN(http) INTERN(resolver) INTERN(running)
         INTERN(thread) INTERN(ensure_started) INTERN(internal_error) INTERN(more_body)
         INTERN(response_start) INTERN(headers) INTERN(enter) INTERN(exit) INTERN(finish)
-        INTERN(deferred) INTERN(write) INTERN(mount_prefix)
+        INTERN(deferred) INTERN(write) INTERN(mount_prefix) INTERN(past_cap) INTERN(count)
+        INTERN(duration) INTERN(add_past_cap)
         TEXT(space, " ") TEXT(empty, "") TEXT(other, "_OTHER")
         TEXT(trace_id_property, "trace_id") TEXT(trace_id_slot, "_trace_id")
         TEXT(http_traceparent, "HTTP_TRACEPARENT")

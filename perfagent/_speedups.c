@@ -44,7 +44,7 @@
 #undef Py_BUILD_CORE
 #endif
 
-static PyObject *str_done, *str_queries;
+static PyObject *str_done, *str_queries, *str_past_cap, *str_table, *str_operation;
 
 /* The record's ``done`` and ``queries`` read and written through their slots
  * (``RequestRecord`` has ``__slots__``): ``PyObject_GetAttr`` finds each through the
@@ -109,6 +109,10 @@ typedef struct {
     PyObject *at_loop;      /* -> {offset: (sites, lazy)} of walks that stopped at once */
     PyObject *spawned;      /* callsite.spawned, the ContextVar of a task's maker's sites */
     int many;
+    Py_ssize_t max_calls;   /* calls of a request kept in full; past it, only counted */
+    PyObject *past_cap;     /* capture.CallsPastCap, made for a request's first call past it */
+    double bounds[32];      /* the database histogram's bounds, for the calls past the cap */
+    Py_ssize_t nbounds;
     /* The last answers of ``cached_sites``, by caller code and offset: a query in a
      * loop comes from the same place again and again, and these spare the two
      * id-keyed dict lookups (and the two int objects made for them) of at_loop
@@ -697,6 +701,51 @@ as_query(PyObject *query)
     return (QueryObject *)query;
 }
 
+/* A call past the request's cap, as ``QueryCapture.add`` counts it: into
+ * ``record.past_cap.table[(system, operation)]``, the database histogram's buckets and
+ * sum, nothing else of it kept. 0 if counted, -1 if the Python path is to count it
+ * (nothing counted here then). */
+static int
+add_past_cap(SqlHook *self, PyObject *record, PyObject *sql, double duration)
+{
+    if (self->past_cap == NULL || self->nbounds == 0) {
+        return -1;
+    }
+    PyObject *shape = PyDict_GetItemWithError(self->shapes, sql);
+    if (shape == NULL) {
+        PyErr_Clear();
+        return -1;
+    }
+    Py_INCREF(shape); /* held: nothing below may free it under us */
+    PyObject *operation = PyObject_GetAttr(shape, str_operation);
+    Py_DECREF(shape);
+    PyObject *past = operation == NULL ? NULL : PyObject_GetAttr(record, str_past_cap);
+    if (past == Py_None) {
+        Py_SETREF(past, PyObject_CallNoArgs(self->past_cap));
+        if (past != NULL && PyObject_SetAttr(record, str_past_cap, past) < 0) {
+            Py_CLEAR(past);
+        }
+    }
+    PyObject *table = past == NULL ? NULL : PyObject_GetAttr(past, str_table);
+    PyObject *key = table == NULL || !PyDict_Check(table)
+                        ? NULL
+                        : PyTuple_Pack(2, self->system, operation);
+    PyObject *entry = key == NULL ? NULL : histogram_entry(table, key, self->nbounds + 1);
+    int result = -1;
+    if (entry != NULL) {
+        /* From here on the call is counted, whole or in part: never again by Python. */
+        histogram_add(entry, self->bounds, self->nbounds, duration);
+        result = 0;
+    }
+    PyErr_Clear();
+    Py_XDECREF(operation);
+    Py_XDECREF(past);
+    Py_XDECREF(table);
+    Py_XDECREF(key);
+    Py_XDECREF(entry);
+    return result;
+}
+
 /* QueryCapture.add for a query whose shape and call site are cached; 0 if done, -1 if not. */
 static int
 add_fast(SqlHook *self, PyObject *record, PyObject *sql, PyObject *params, double start,
@@ -704,6 +753,16 @@ add_fast(SqlHook *self, PyObject *record, PyObject *sql, PyObject *params, doubl
 {
     if (!PyUnicode_CheckExact(sql)) {
         return -1;
+    }
+    PyObject *kept = record_attr(record, str_queries, queries_offset);
+    if (kept == NULL) {
+        PyErr_Clear();
+        return -1;
+    }
+    Py_ssize_t nkept = PyList_CheckExact(kept) ? PyList_GET_SIZE(kept) : 0;
+    Py_DECREF(kept);
+    if (nkept >= self->max_calls) {
+        return add_past_cap(self, record, sql, end - start);
     }
     /* The Shape is held, not borrowed from the cache: the walk below can collect (an
      * allocation), a finalizer can then issue a statement, and a statement new to a
@@ -903,14 +962,19 @@ SqlHook_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     static char *names[] = {"run",          "make_cursor", "cursor_class", "system",
                             "no_params",    "current",     "perf_counter", "slow_add",
                             "shapes",       "frames",      "many",         "original",
-                            NULL};
+                            "max_calls",    "past_cap",    "bounds",       NULL};
     PyObject *run, *make_cursor, *cursor_class, *system, *no_params, *current, *perf_counter;
-    PyObject *slow_add, *shapes, *frames, *original = Py_None;
+    PyObject *slow_add, *shapes, *frames, *original = Py_None, *past_cap = NULL, *bounds = NULL;
     int many = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOUOOOOO!O|pO", names, &run, &make_cursor,
+    Py_ssize_t max_calls = PY_SSIZE_T_MAX;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOUOOOOO!O|pOnOO!", names, &run, &make_cursor,
                                      &cursor_class, &system, &no_params, &current, &perf_counter,
-                                     &slow_add, &PyDict_Type, &shapes, &frames, &many,
-                                     &original)) {
+                                     &slow_add, &PyDict_Type, &shapes, &frames, &many, &original,
+                                     &max_calls, &past_cap, &PyTuple_Type, &bounds)) {
+        return NULL;
+    }
+    if (bounds != NULL && PyTuple_GET_SIZE(bounds) > 32) {
+        PyErr_SetString(PyExc_ValueError, "at most 32 bounds");
         return NULL;
     }
     if (!PyContextVar_CheckExact(current)) {
@@ -956,6 +1020,16 @@ SqlHook_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->slow_add = Py_NewRef(slow_add);
     self->shapes = Py_NewRef(shapes);
     self->many = many;
+    self->max_calls = max_calls;
+    self->past_cap = past_cap == Py_None ? NULL : Py_XNewRef(past_cap);
+    for (Py_ssize_t i = 0; bounds != NULL && i < PyTuple_GET_SIZE(bounds); i++) {
+        self->bounds[i] = PyFloat_AsDouble(PyTuple_GET_ITEM(bounds, i));
+        if (self->bounds[i] == -1.0 && PyErr_Occurred()) {
+            Py_DECREF(self);
+            return NULL;
+        }
+        self->nbounds = i + 1;
+    }
     return (PyObject *)self;
 }
 
@@ -963,6 +1037,7 @@ SqlHook_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 #define SQLHOOK_OBJECTS(X)                                                                   \
     X(run) X(make_cursor) X(original) X(cursor_class) X(system) X(no_params) X(current)     \
     X(perf_counter) X(slow_add) X(shapes) X(kinds) X(loops) X(at_loop) X(spawned)          \
+    X(past_cap)                                                                              \
     for (int i = 0; i < SITE_CACHE; i++) {                                                  \
         X(recent[i].code) X(recent[i].answer)                                               \
     }                                                                                       \
@@ -1517,7 +1592,11 @@ PyInit__speedups(void)
 {
     str_done = PyUnicode_InternFromString("done");
     str_queries = PyUnicode_InternFromString("queries");
-    if (str_done == NULL || str_queries == NULL) {
+    str_past_cap = PyUnicode_InternFromString("past_cap");
+    str_table = PyUnicode_InternFromString("table");
+    str_operation = PyUnicode_InternFromString("operation");
+    if (str_done == NULL || str_queries == NULL || str_past_cap == NULL || str_table == NULL ||
+        str_operation == NULL) {
         return NULL;
     }
     if (PyType_Ready(&SqlHookType) < 0 || PyType_Ready(&QueryType) < 0) {

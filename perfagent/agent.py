@@ -39,6 +39,9 @@ except ImportError:
 
 #: Query findings of one kind, route, shape and call site are exported at most this often.
 REPEAT_EVERY_S = 10.0
+#: With no request finished, the next merge check waits this long: the stack sampler's
+#: wait at the default slow threshold, so an idle agent thread wakes no more often.
+QUIET_MERGE_WAIT_S = 0.25
 _THROTTLED = frozenset(("n_plus_one", "duplicate_query"))
 _UNDO = "_perfagent_undo"  # an instrumented app's own list of undos
 
@@ -78,7 +81,15 @@ class Agent:
         # once no request is in flight, the export thread once nothing is queued.
         self.thread = AgentThread(self.internal_error, quiet=self._quiet, on_rest=self._rest)
         self.thread.every(WRITE_EVERY_S, self._write_log, settle=True)
-        self.thread.every(1.0, self.metrics.stats.flush, settle=True)
+        # Recorded requests reach the metrics (and under ``perfagent run`` the workers'
+        # files) every metrics_flush_s while requests finish: what SIGKILL can lose.
+        stats, flush_s = self.metrics.stats, settings.metrics_flush_s
+        self.thread.every(
+            flush_s,
+            lambda: stats.merge_recent(flush_s, QUIET_MERGE_WAIT_S),
+            stats.merge_wait,
+            settle=True,
+        )
         # Exports wait on the network (up to TIMEOUT_S a post against a collector that
         # hangs): on a thread of their own, so that the stack sampler and the log writer
         # keep their pace whatever the collector does. The agent thread starts (and
@@ -95,6 +106,7 @@ class Agent:
             self.metrics,
             self.export_thread,
             settings.export_interval_s,
+            settings.max_export_bytes,
         )
         self.otel = self._otel_bridge()
         self.capture = QueryCapture(
@@ -102,6 +114,8 @@ class Agent:
             settings.compiled_hooks,
             settings.fingerprint_cache_bytes,
             self.metrics.dropped.labels("fingerprint_cache"),
+            settings.max_calls_per_request,
+            self.metrics.stats.histograms[2].bounds,
         )
         #: Requests in flight -> (thread id, asyncio task or None), for the sampler.
         self.inflight: dict[RequestRecord, tuple[int, Any]] = {}

@@ -50,6 +50,17 @@ class Settings:
     slow_routes: tuple[tuple[str, float], ...] = ()
     #: The SQL fingerprint cache's bound (statement text and shapes, estimated bytes).
     fingerprint_cache_bytes: int = 4 * 1024 * 1024
+    #: Calls (queries) of one request kept in full: each holds its statement, parameters
+    #: and call site until the request ends (200,000 queries in one request took a
+    #: worker from 47 to 281 MiB). Past it a call is only counted: in the query count,
+    #: the database histogram and the request's db time, not in spans or findings.
+    max_calls_per_request: int = 2000
+    #: Bytes of one OTLP request of spans: a collector refuses a larger one and every
+    #: trace in it; a trace larger alone is cut to its first spans (counted).
+    max_export_bytes: int = 4 * 1024 * 1024
+    #: Seconds between merges of the recorded requests into the metrics while requests
+    #: finish: what a worker killed with SIGKILL can lose (stats.py).
+    metrics_flush_s: float = 0.1
 
 
 def _parse_bool(text: Any) -> bool:
@@ -155,6 +166,9 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "slow_routes": _route_thresholds,
     "regression_window_s": _number(1, 86400, integer=False, unit="seconds"),
     "fingerprint_cache_bytes": _number(65536, 1 << 34, integer=True, unit="bytes"),
+    "max_calls_per_request": _number(1, 10_000_000, integer=True, unit="a number of calls"),
+    "max_export_bytes": _number(65_536, 1 << 30, integer=True, unit="bytes"),
+    "metrics_flush_s": _number(0.01, 60, integer=False, unit="seconds"),
 }
 SETTING_NAMES: tuple[str, ...] = tuple(f.name for f in fields(Settings))
 

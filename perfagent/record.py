@@ -65,6 +65,7 @@ class RequestRecord:
         "mount_prefix",
         "otel_context",
         "parent",
+        "past_cap",
         "profile",
         "queries",
         "resolver",
@@ -113,6 +114,9 @@ class RequestRecord:
         self.profile = False
         #: Database queries issued while serving the request; None while there are none.
         self.queries: list[Any] | None = None
+        #: The calls past ``max_calls_per_request`` (``db.capture.CallsPastCap``): counted,
+        #: not kept; None while there are none.
+        self.past_cap: Any = None
         #: Seconds spent waiting for a thread of the sync-code pool; -1.0 if never used.
         self.thread_wait = -1.0
         #: Findings of the detectors, as (event name, fields) pairs; None while there are none.
@@ -139,7 +143,15 @@ class RequestRecord:
         Server-Timing): summed when asked, once per request, rather than kept up
         to date by every query (~700 CPU instructions a query in the C hook)."""
         queries = self.queries
-        return sum(map(_duration, queries)) if queries else 0.0
+        seconds = sum(map(_duration, queries)) if queries else 0.0
+        past = self.past_cap
+        return seconds if past is None else seconds + past.duration
+
+    @property
+    def query_count(self) -> int:
+        """Queries issued so far: those kept and those past the cap."""
+        queries, past = self.queries, self.past_cap
+        return (len(queries) if queries else 0) + (0 if past is None else past.count)
 
     def route_now(self) -> str | None:
         """The route template, asked of the framework if the response has not started."""

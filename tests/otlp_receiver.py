@@ -17,8 +17,12 @@ def _plain(value):
 
 
 class Receiver:
-    def __init__(self, port: int) -> None:
+    """``max_body``: a larger request is refused with 413 (and all its spans), as a
+    collector or the console does past its own limit."""
+
+    def __init__(self, port: int, max_body: int | None = None) -> None:
         self.port = port
+        self.refused = 0
         self.url = f"http://127.0.0.1:{port}"
         self.spans: list[dict] = []
         self.resources: list[dict] = []
@@ -31,9 +35,13 @@ class Receiver:
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
                 ok = self.path == "/v1/traces"
-                if ok:
+                status = 200 if ok else 404
+                if ok and max_body is not None and len(body) > max_body:
+                    status = 413
+                    receiver.refused += 1
+                elif ok:
                     receiver._take(body)
-                self.send_response(200 if ok else 404)
+                self.send_response(status)
                 self.send_header("content-length", "0")
                 self.end_headers()
 

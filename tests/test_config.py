@@ -55,6 +55,10 @@ def test_otel_service_name_is_honoured(tmp_path):
         ("PERFAGENT_TRACE_SAMPLE", "2"),
         ("PERFAGENT_FINGERPRINT_CACHE_BYTES", "4MB"),
         ("PERFAGENT_FINGERPRINT_CACHE_BYTES", "1000"),
+        ("PERFAGENT_MAX_CALLS_PER_REQUEST", "0"),
+        ("PERFAGENT_MAX_CALLS_PER_REQUEST", "many"),
+        ("PERFAGENT_MAX_EXPORT_BYTES", "1000"),
+        ("PERFAGENT_METRICS_FLUSH_S", "0"),
     ],
 )
 def test_bad_environment_value_is_one_line_naming_it(tmp_path, variable, value):

@@ -9,6 +9,8 @@ from N+1s) and the few app frames it came from.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Sequence
 from types import FrameType
 from typing import Any, NamedTuple
 
@@ -46,6 +48,37 @@ except ImportError:
     pass
 
 
+class CallsPastCap:
+    """The calls of one request past the cap: what the metrics need of them, in a
+    size that does not grow with their number."""
+
+    __slots__ = ("table",)
+
+    def __init__(self) -> None:
+        #: (system, operation) -> [count per bucket ..., +Inf count, sum], as a thread's
+        #: table of ``db_client_operation_duration_seconds`` (``export/stats.py``); the
+        #: C hook (``_speedups.SqlHook``) adds to it the same way.
+        self.table: dict[tuple[str, str], list[Any]] = {}
+
+    @property
+    def count(self) -> int:
+        """How many calls."""
+        return sum(sum(entry[:-1]) for entry in self.table.values())
+
+    @property
+    def duration(self) -> float:
+        """Their durations, summed (the request's db time)."""
+        return sum(entry[-1] for entry in self.table.values())
+
+    def add(self, system: str, operation: str, duration: float, bounds: Sequence[float]) -> None:
+        key = (system, operation)
+        entry = self.table.get(key)
+        if entry is None:
+            entry = self.table[key] = [0] * (len(bounds) + 1) + [0.0]
+        entry[bisect_left(bounds, duration)] += 1
+        entry[-1] += duration
+
+
 class QueryCapture:
     """Shared by every driver hook; one per agent."""
 
@@ -55,9 +88,15 @@ class QueryCapture:
         compiled: bool = True,
         cache_bytes: int = CACHE_BYTES,
         dropped: Any = None,
+        max_calls: int = 2000,
+        bounds: Sequence[float] = (),
     ) -> None:
         #: Whether the per-query work may run in C (``PERFAGENT_COMPILED_HOOKS``).
         self.compiled = compiled
+        #: Calls of a request kept in full (``max_calls_per_request``); the rest counted.
+        self.max_calls = max_calls
+        #: The database histogram's bounds, for the calls past the cap.
+        self.bounds = list(bounds)
         #: ``dropped`` counts the shapes the cache forgets when it is full.
         self.fingerprints = Fingerprints(cache_bytes, dropped)
         self.frames = AppFrames()
@@ -84,9 +123,16 @@ class QueryCapture:
             if sql.__class__ is not str:
                 sql = sql.decode() if isinstance(sql, bytes) else str(sql)
             shape = self._shapes.get(sql) or self.fingerprints(sql, system)
+            queries = record.queries
+            if queries is not None and len(queries) >= self.max_calls:
+                past = record.past_cap
+                if past is None:
+                    past = record.past_cap = CallsPastCap()
+                past.add(system, shape.operation, end - start, self.bounds)
+                return
             sites, lazy = self.frames.capture(caller)
             query = Query(system, sql, shape, params, start, end - start, many, sites, lazy)
-            queries = record.queries
+            queries = record.queries  # again: capturing the sites may have run a query
             if queries is None:
                 record.queries = [query]
             else:

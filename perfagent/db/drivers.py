@@ -28,7 +28,7 @@ from types import ModuleType
 from typing import Any
 
 from perfagent.db.callsite import origin
-from perfagent.db.capture import QueryCapture
+from perfagent.db.capture import CallsPastCap, QueryCapture
 from perfagent.patching import Patch
 from perfagent.record import current
 
@@ -144,6 +144,9 @@ def _sqlite_hook(
         capture.frames,
         many,
         original,
+        capture.max_calls,
+        CallsPastCap,
+        tuple(capture.bounds),
     )
 
 

@@ -32,6 +32,9 @@ from perfagent.record import RequestRecord
 MAX_QUEUED = 2048
 BATCH = 256
 TIMEOUT_S = 3.0
+#: Bytes of one OTLP request of spans (``max_export_bytes``): the console takes up to
+#: 8 MiB, gRPC collectors 4 MiB by default.
+MAX_EXPORT_BYTES = 4 * 1024 * 1024
 
 
 def signal_endpoint(signal: str, console_url: str, environ: Mapping[str, str] | None = None) -> str:
@@ -115,6 +118,7 @@ class Exporter:
         metrics: Any,
         thread: Any,
         interval_s: float,
+        max_bytes: int = MAX_EXPORT_BYTES,
     ) -> None:
         self._targets = {s: _Target(s, signal_endpoint(s, console_url)) for s in SIGNALS}
         self._service_name = service_name
@@ -127,6 +131,9 @@ class Exporter:
         self._findings: deque[tuple[int, str, dict[str, Any], int, int]] = deque()
         self._dropped_spans = metrics.dropped.labels("spans")
         self._dropped_findings = metrics.dropped.labels("findings")
+        #: Spans of a trace too large for one request, cut from its end.
+        self._cut_spans = metrics.dropped.labels("trace_spans")
+        self._max_bytes = max_bytes
         self._last_total = -1
         self.sent = 0
         thread.every(0.5, self.flush, settle=True)
@@ -166,8 +173,26 @@ class Exporter:
         return self._resource
 
     def flush(self) -> None:
-        self._drain(self._traces, "traces", self._dropped_spans, self._spans.encode, True)
+        self._drain_traces()
         self._drain(self._findings, "logs", self._dropped_findings, encode_findings)
+
+    def _drain_traces(self) -> None:
+        """Kept traces, in requests of at most ``max_bytes``: a refused request loses
+        only the traces in it. Once the target asks to back off, the rest of the batch
+        is dropped rather than each post waiting on it."""
+        target, queue = self._targets["traces"], self._traces
+        while queue and time.monotonic() >= target.retry_at:
+            batch = [queue.popleft() for _ in range(min(BATCH, len(queue)))]
+            bodies = self._spans.encode_bounded(batch, self._res(), self._max_bytes)
+            for body, count, cut in bodies:
+                if cut:
+                    self._cut_spans.inc(cut)
+                if not count:
+                    continue
+                if time.monotonic() >= target.retry_at and target.post(body):
+                    self.sent += count
+                else:
+                    self._dropped_spans.inc(count)
 
     def _drain(
         self, queue: deque, signal: str, dropped: Any, encoder: Any, count_sent: bool = False

@@ -1,10 +1,12 @@
 """The contract's Prometheus metrics, and the endpoint that serves them.
 
 Requests are recorded in plain Python first (see ``stats.py``: a lock-free
-per-thread buffer, well under 1 µs) and merged into these prometheus-client
-objects off the request path. Under ``perfagent run`` each worker writes its
-values to prometheus-client's multiprocess files and the runner alone serves
-``/metrics``, so counts are exact across workers.
+per-thread buffer, well under 1 µs) and merged off the request path, the
+request histograms into series of totals of our own (``series.py``: what a
+route costs), the rest into these prometheus-client objects. Under
+``perfagent run`` each worker writes its values to prometheus-client's
+multiprocess files and the runner alone serves ``/metrics``, so counts are
+exact across workers.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import struct
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from perfagent._version import __version__
+from perfagent.export.series import HistogramSeries, ProcessFile, SeriesCollector
 from perfagent.export.stats import Buffered, RequestStats
 from perfagent.record import RequestRecord
 
@@ -33,12 +36,11 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.request_duration = Histogram(
+        self.request_duration = HistogramSeries(
             "http_server_request_duration_seconds",
             "Duration of HTTP server requests, from arrival to the last byte sent.",
             ["http_request_method", "http_route", "http_response_status_code"],
-            buckets=DURATION_BUCKETS,
-            registry=registry,
+            DURATION_BUCKETS,
         )
         self.active_requests = Gauge(
             "http_server_active_requests",
@@ -59,19 +61,17 @@ class Metrics:
             ["what"],
             registry=registry,
         )
-        self.request_db_queries = Histogram(
+        self.request_db_queries = HistogramSeries(
             "perfagent_request_db_queries",
             "Database queries issued per request.",
             ["http_route"],
-            buckets=QUERY_COUNT_BUCKETS,
-            registry=registry,
+            QUERY_COUNT_BUCKETS,
         )
-        self.db_duration = Histogram(
+        self.db_duration = HistogramSeries(
             "db_client_operation_duration_seconds",
             "Duration of database queries issued while serving requests.",
             ["db_system_name", "db_operation_name"],
-            buckets=DB_BUCKETS,
-            registry=registry,
+            DB_BUCKETS,
         )
         self.loop_lag = Histogram(
             "perfagent_event_loop_lag_seconds",
@@ -91,13 +91,24 @@ class Metrics:
             ["http_route"],
             registry=registry,
         )
-        self.thread_pool_wait = Histogram(
+        self.thread_pool_wait = HistogramSeries(
             "perfagent_thread_pool_wait_seconds",
             "Time requests waited for a thread of the pool running sync endpoints.",
             ["http_route"],
-            buckets=DB_BUCKETS,
-            registry=registry,
+            DB_BUCKETS,
         )
+        series = [
+            self.request_duration,
+            self.request_db_queries,
+            self.db_duration,
+            self.thread_pool_wait,
+        ]
+        registry.register(SeriesCollector(series))
+        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if directory and getattr(values.ValueClass, "_multiprocess", False):
+            shared = ProcessFile(directory)  # the runner reads it with the workers' files
+            for histogram in series:
+                histogram.file = shared
         self.stats = RequestStats(
             self.active_requests,
             [
@@ -107,6 +118,7 @@ class Metrics:
                 Buffered(self.thread_pool_wait, DB_BUCKETS),
             ],
         )
+        self.stats.dropped_calls = self.dropped.labels("calls")
         self._slow_children: dict[tuple[str, str], Any] = {}
 
     def request_ended(self, record: RequestRecord) -> None:
@@ -119,6 +131,7 @@ class Metrics:
             (route,),
             record.queries,
             record.thread_wait,
+            record.past_cap,
         )
 
     def count_slow(self, record: RequestRecord) -> None:

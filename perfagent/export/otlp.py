@@ -19,7 +19,7 @@ import os
 import struct
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from perfagent._version import __version__
@@ -126,6 +126,8 @@ def _request_attributes(record: RequestRecord) -> dict[str, Any]:
         out["error.type"] = record.error_type
     elif record.status is not None and record.status >= 500:
         out["error.type"] = str(record.status)
+    if record.past_cap is not None:  # calls past the request's cap: counted, no span
+        out["perfagent.calls_not_kept"] = record.past_cap.count
     if record.thread_wait >= 0.0:
         out["perfagent.thread_pool_wait_ms"] = round(record.thread_wait * 1e3, 3)
     if record.streaming and record.first_byte is not None:
@@ -159,12 +161,54 @@ class SpanWriter:
         offset = clock_offset_ns()
         spans = []
         for record in records:
-            spans.append(self.server_span(record, offset))
-            if record.queries:
-                spans.extend(self.query_spans(record, offset))
-            if record.spans:
-                spans.extend(app_spans(record, offset))
+            spans.extend(self.record_spans(record, offset))
         return _resource_and_scope(res, b"".join(spans))
+
+    def record_spans(self, record: RequestRecord, clock_offset_ns: int) -> list[bytes]:
+        """The request's spans, its server span first."""
+        spans = [self.server_span(record, clock_offset_ns)]
+        if record.queries:
+            spans.extend(self.query_spans(record, clock_offset_ns))
+        if record.spans:
+            spans.extend(app_spans(record, clock_offset_ns))
+        return spans
+
+    def encode_bounded(
+        self, records: Iterable[RequestRecord], res: bytes, max_bytes: int
+    ) -> Iterator[tuple[bytes, int, int]]:
+        """The records as requests of at most ``max_bytes`` each (a collector refuses a
+        larger one, and all its traces with it: one request of 200,000 queries made a
+        batch of 40 traces drop). Yields (body, records in it, spans cut): a trace too
+        large alone goes alone, cut to its first spans (its server span first)."""
+        offset = clock_offset_ns()
+        # The envelope: resource, scope and the length prefixes (at most 5 bytes each).
+        budget = max_bytes - len(res) - len(_SCOPE_BYTES) - 32
+        batch: list[bytes] = []
+        size = count = 0
+        for record in records:
+            spans = self.record_spans(record, offset)
+            total = sum(map(len, spans))
+            cut = 0
+            if total > budget:
+                kept = 0
+                total = 0
+                for span in spans:
+                    if total + len(span) > budget:
+                        break
+                    total += len(span)
+                    kept += 1
+                cut, spans = len(spans) - kept, spans[:kept]
+            if batch and size + total > budget:
+                yield _resource_and_scope(res, b"".join(batch)), count, 0
+                batch, size, count = [], 0, 0
+            if cut:  # alone, so that a failed post of it takes no other trace along
+                yield _resource_and_scope(res, b"".join(spans)), 1 if spans else 0, cut
+                continue
+            batch.extend(spans)
+            size += total
+            count += 1
+        if batch:
+            yield _resource_and_scope(res, b"".join(batch)), count, 0
 
     @staticmethod
     def server_span(record: RequestRecord, clock_offset_ns: int) -> bytes:

@@ -270,7 +270,7 @@ class _Request:
                 if self._server_timing:
                     value = b"total;dur=%.3f" % ((now - record.start) * 1000.0)
                     if record.queries:
-                        n = len(record.queries)
+                        n = record.query_count
                         value += b', db;dur=%.3f;desc="%d %s"' % (
                             record.db_time * 1000.0,
                             n,

@@ -212,7 +212,7 @@ class FlaskInstrumentation:
                 if server_timing:
                     value = f"total;dur={(now - record.start) * 1000.0:.3f}"
                     if record.queries:
-                        db_ms, n = record.db_time * 1000.0, len(record.queries)
+                        db_ms, n = record.db_time * 1000.0, record.query_count
                         what = "query" if n == 1 else "queries"
                         value += f', db;dur={db_ms:.3f};desc="{n} {what}"'
                     headers.append(("Server-Timing", value))
