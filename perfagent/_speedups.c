@@ -1569,6 +1569,75 @@ fail: {
 }
 }
 
+/* thread_stacks(max_depth, thread_id=None) -> {thread id: (frame, its caller, ...)}: each
+ * thread's stack, top frame first, at most max_depth frames, read in ONE call.
+ *
+ * Why in C: walking another thread's stack in Python (frame.f_back, one bytecode at a
+ * time) lets the GIL go between two steps; that thread then returns from, or suspends,
+ * the frames being walked, and a later f_back reads its freed interpreter frame (ASan:
+ * SEGV in _PyFrame_MakeAndSetFrameObject, bench/stress.py --sanitize, 3.11). Here no
+ * bytecode runs from the first frame to the last, so no other thread moves meanwhile;
+ * every frame object of the stack is made at once, and each then keeps its own f_back
+ * when its frame ends. The caller turns the collector off around the call
+ * (profiling/frames.py, gh-106883): then no allocation here runs a finalizer either.
+ * perfagent/profiling/frames.py _python_stacks is the Python twin. */
+static PyObject *
+thread_stacks(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "thread_stacks(max_depth, thread_id=None)");
+        return NULL;
+    }
+    Py_ssize_t max_depth = PyLong_AsSsize_t(args[0]);
+    if (max_depth < 0) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_ValueError, "max_depth < 0");
+        }
+        return NULL;
+    }
+    PyObject *only = nargs == 2 && args[1] != Py_None ? args[1] : NULL;
+    PyObject *tops = _PyThread_CurrentFrames();
+    if (tops == NULL) {
+        return NULL;
+    }
+    PyObject *out = PyDict_New();
+    PyObject *thread_id, *top;
+    Py_ssize_t pos = 0;
+    while (out != NULL && PyDict_Next(tops, &pos, &thread_id, &top)) {
+        if (only != NULL) {
+            int same = PyObject_RichCompareBool(thread_id, only, Py_EQ); /* two ints */
+            if (same < 0) {
+                Py_CLEAR(out);
+                break;
+            }
+            if (!same) {
+                continue;
+            }
+        }
+        PyObject *stack = PyTuple_New(max_depth);
+        if (stack == NULL) {
+            Py_CLEAR(out);
+            break;
+        }
+        Py_ssize_t depth = 0;
+        PyFrameObject *frame = (PyFrameObject *)Py_NewRef(top);
+        while (frame != NULL && depth < max_depth) {
+            PyTuple_SET_ITEM(stack, depth++, (PyObject *)frame); /* the reference moves */
+            frame = PyFrame_GetBack(frame);                      /* a new reference */
+        }
+        Py_XDECREF(frame);
+        if (PyErr_Occurred() || _PyTuple_Resize(&stack, depth) < 0 ||
+            PyDict_SetItem(out, thread_id, stack) < 0) {
+            Py_XDECREF(stack);
+            Py_CLEAR(out);
+            break;
+        }
+        Py_DECREF(stack);
+    }
+    Py_DECREF(tops);
+    return out;
+}
+
 static PyMethodDef speedups_functions[] = {
     {"repeats", (PyCFunction)(void (*)(void))repeats, METH_FASTCALL,
      "The N+1 detector's grouping of a request's queries."},
@@ -1576,6 +1645,8 @@ static PyMethodDef speedups_functions[] = {
      "Query durations into a histogram table."},
     {"summary", summary, METH_O, "What one group of repeats says: distinct, identical, lazy, total."},
     {"use_record_type", use_record_type, METH_O, "The record class whose slots are read directly."},
+    {"thread_stacks", (PyCFunction)(void (*)(void))thread_stacks, METH_FASTCALL,
+     "Each thread's stack as a tuple of frames, top first, read with no other thread running."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -120,7 +120,10 @@ class Agent:
         #: Requests in flight -> (thread id, asyncio task or None), for the sampler.
         self.inflight: dict[RequestRecord, tuple[int, Any]] = {}
         self.stack_sampler = StackSampler(
-            min([self._slow_s, *self._slow_routes.values()]), self.capture.frames, self.inflight
+            min([self._slow_s, *self._slow_routes.values()]),
+            self.capture.frames,
+            self.inflight,
+            settings.compiled_hooks,
         )
         # With a profile token, a request may ask to be sampled from its start: then the
         # sampler ticks at its interval; otherwise only once a request is old enough.

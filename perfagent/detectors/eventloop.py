@@ -76,10 +76,11 @@ from types import CodeType, FrameType
 from typing import Any
 
 from perfagent.export.metrics import LOOP_LAG_BUCKETS as LAG_BUCKETS
-from perfagent.profiling.frames import current_frames
+from perfagent.profiling.frames import current_stacks
 
 MAX_SAMPLES = 400  # per stall: 2 s at 5 ms; a longer stall keeps its first samples
 MAX_DEPTH = 128  # frames per sample
+STACK_DEPTH = 512  # frames read when looking for the adapter's frame on the loop's stack
 MAX_STACK_LINES = 40  # frames per event: the innermost ones
 #: The heartbeat stays armed this long after the last request in flight ended.
 LINGER_S = 1.0
@@ -145,6 +146,7 @@ class LoopWatchdog:
         #: A monitor wake-up later than this is time the monitor did not run.
         self.oversleep = max(self.threshold / 4.0, 0.005)
         self.frames = agent.capture.frames  # the agent's one app/library classifier
+        self.compiled = agent.settings.compiled_hooks  # stacks read in C (False: the twin)
         self._adapter_code: CodeType = PerfagentASGI.__call__.__code__
         self._loop_thread = threading.get_ident()
         self._sched_fd = _schedstat(threading.get_native_id())
@@ -386,16 +388,19 @@ class LoopWatchdog:
         return stall
 
     def _sample(self, stall: _Stall) -> None:
-        frame: FrameType | None = current_frames().get(self._loop_thread)
+        # The loop thread's frames read in one call, never by f_back: see current_stacks.
+        loop_thread = self._loop_thread
+        stack = current_stacks(MAX_DEPTH + 1, self.compiled, loop_thread).get(loop_thread, ())
         dispatch = self._dispatch
         frames: list[FrameType] = []
-        while frame is not None and len(frames) < MAX_DEPTH:
-            if frame.f_code is dispatch:
+        below = False  # a frame below the ones kept: the dispatch frame, or past MAX_DEPTH
+        for frame in stack:
+            if frame.f_code is dispatch or len(frames) >= MAX_DEPTH:
+                below = True
                 break
             frames.append(frame)
-            frame = frame.f_back
         # Outside a callback (no dispatch frame below), the loop was waiting.
-        key = frames[-1] if frames and frame is not None else None
+        key = frames[-1] if frames and below else None
         stack = tuple((f.f_code.co_filename, f.f_lineno, _name(f.f_code)) for f in frames)
         stall.samples.append((key, stack))
         if key is not None and key not in stall.records:
@@ -431,7 +436,7 @@ class LoopWatchdog:
         except RuntimeError:
             return None
         for task in tasks:
-            record = _task_record(task, self._adapter_code, self._loop_thread)
+            record = _task_record(task, self._adapter_code, self._loop_thread, self.compiled)
             if record is not None and record.carrier is scope:
                 return record
         return None
@@ -601,7 +606,9 @@ class PoolWatch:
         """Route -> how many of ``tasks`` serve it ("" for tasks that serve no request)."""
         routes: dict[str, int] = {}
         for task in tasks:
-            record = _task_record(task, self._adapter, self._loop_thread)
+            record = _task_record(
+                task, self._adapter, self._loop_thread, self.agent.settings.compiled_hooks
+            )
             route = (record.route_now() or "") if record is not None else ""
             routes[route] = routes.get(route, 0) + 1
         return routes
@@ -623,7 +630,7 @@ def _record_of(frame: FrameType) -> Any:
     return _local(frame, "record")
 
 
-def _task_record(task: Any, adapter: CodeType, loop_thread: int) -> Any:
+def _task_record(task: Any, adapter: CodeType, loop_thread: int, compiled: bool = True) -> Any:
     """The request record of a task whose awaited coroutines run through the adapter."""
     awaited = task.get_coro() if hasattr(task, "get_coro") else None
     for _ in range(MAX_DEPTH):
@@ -636,13 +643,13 @@ def _task_record(task: Any, adapter: CodeType, loop_thread: int) -> Any:
                 return record
         if getattr(awaited, "cr_running", False):
             # Running now, so not awaiting anything: the rest is on the loop's stack.
-            top: FrameType | None = current_frames().get(loop_thread)
-            while top is not None:
-                if top.f_code is adapter:
-                    record = _record_of(top)
+            # Read in one call, never by f_back (the loop thread may be another thread).
+            stack = current_stacks(STACK_DEPTH, compiled, loop_thread).get(loop_thread, ())
+            for frame in stack:
+                if frame.f_code is adapter:
+                    record = _record_of(frame)
                     if record is not None:
                         return record
-                top = top.f_back
             return None
         awaited = getattr(awaited, "cr_await", None)
     return None

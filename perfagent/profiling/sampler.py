@@ -25,10 +25,12 @@ from types import FrameType
 from typing import Any
 
 from perfagent.db.callsite import AppFrames
-from perfagent.profiling.frames import current_frames
+from perfagent.profiling.frames import Stacks, current_stacks
 from perfagent.record import RequestRecord
 
 MAX_DEPTH = 64
+#: Frames read per thread: the ASGI adapter's frame is looked for below the ones kept.
+STACK_DEPTH = 512
 MAX_STACKS_PER_REQUEST = 200
 #: In-flight entries a tick looks at (newest first) and requests it samples: a tick
 #: costs the same with 10 or 10,000 requests in flight (long polls, streams, or
@@ -38,7 +40,10 @@ MAX_SAMPLED = 32
 
 
 class StackSampler:
-    def __init__(self, slow_s: float, frames: AppFrames, inflight: dict) -> None:
+    def __init__(
+        self, slow_s: float, frames: AppFrames, inflight: dict, compiled: bool = True
+    ) -> None:
+        self.compiled = compiled  # stacks read by perfagent/_speedups.c (False: the twin)
         self._after = slow_s * 0.5
         self.interval = min(max(slow_s / 50.0, 0.005), 0.02)
         self._frames = frames
@@ -92,7 +97,7 @@ class StackSampler:
                     break
         if not due:
             return
-        threads = current_frames()
+        threads = current_stacks(STACK_DEPTH, self.compiled)  # read once, no f_back after
         for record, (thread_id, task) in due:
             if record.done:
                 continue
@@ -103,29 +108,28 @@ class StackSampler:
     # -- where the request is -----------------------------------------------
 
     def _locate(
-        self, record: RequestRecord, thread_id: int, task: Any, threads: dict[int, FrameType]
+        self, record: RequestRecord, thread_id: int, task: Any, threads: Stacks
     ) -> list[Any]:
-        top = threads.get(thread_id)
+        stack = threads.get(thread_id, ())
         if task is None:
-            return _chain(top)
-        if top is not None and self._holds(top, record):
-            return _chain(top)  # running on the loop right now
+            return _chain(stack)
+        if self._holds(stack, record):
+            return _chain(stack)  # running on the loop right now
         endpoint = self._endpoint_code(record)
         if endpoint is not None:
-            for other_id, frame in threads.items():
-                if other_id != thread_id and _contains(frame, endpoint):
-                    return _chain(frame)  # a `def` endpoint in the thread pool
+            for other_id, other in threads.items():
+                if other_id != thread_id and _contains(other, endpoint):
+                    return _chain(other)  # a `def` endpoint in the thread pool
         return _awaiting(task)
 
-    def _holds(self, frame: FrameType | None, record: RequestRecord) -> bool:
+    def _holds(self, stack: tuple[FrameType, ...], record: RequestRecord) -> bool:
         if self._adapter_code is None:
             from perfagent.frameworks.asgi import PerfagentASGI
 
             self._adapter_code = PerfagentASGI.__call__.__code__
-        while frame is not None:
+        for frame in stack:
             if frame.f_code is self._adapter_code:
                 return frame.f_locals.get("record") is record
-            frame = frame.f_back
         return False
 
     def _endpoint_code(self, record: RequestRecord) -> Any:
@@ -169,24 +173,16 @@ class StackSampler:
             samples[key] = samples.get(key, 0) + 1
 
 
-def _chain(frame: FrameType | None) -> list[Any]:
-    """(code, line) pairs from the root of the stack to ``frame``."""
-    out = []
-    while frame is not None and len(out) < MAX_DEPTH:
-        out.append((frame.f_code, frame.f_lineno))
-        frame = frame.f_back
+def _chain(stack: tuple[FrameType, ...]) -> list[Any]:
+    """(code, line) pairs of the top ``MAX_DEPTH`` frames of ``stack``, root first."""
+    out = [(frame.f_code, frame.f_lineno) for frame in stack[:MAX_DEPTH]]
     out.reverse()
     return out
 
 
-def _contains(frame: FrameType | None, code: Any) -> bool:
-    depth = 0
-    while frame is not None and depth < MAX_DEPTH:
-        if frame.f_code is code:
-            return True
-        frame = frame.f_back
-        depth += 1
-    return False
+def _contains(stack: tuple[FrameType, ...], code: Any) -> bool:
+    """Whether one of the top ``MAX_DEPTH`` frames of ``stack`` runs ``code``."""
+    return any(frame.f_code is code for frame in stack[:MAX_DEPTH])
 
 
 def _awaiting(task: Any) -> list[Any]:
