@@ -142,3 +142,14 @@ def wait_for_counts(metrics_port: int, total: int, timeout: float = 15.0) -> Cou
             return request_counts(scrape(metrics_port))
         time.sleep(0.1)
     return counts
+
+
+def postgres_answers(dsn: str) -> bool:
+    """Whether the machine's PostgreSQL answers at ``dsn`` (tests skip with a reason if not)."""
+    try:
+        import psycopg
+
+        with psycopg.connect(dsn, connect_timeout=2):
+            return True
+    except Exception:
+        return False

@@ -17,7 +17,7 @@ import time
 
 import pytest
 import requests
-from helpers import APPS, PERFAGENT, Server, clean_env, free_port
+from helpers import APPS, PERFAGENT, Server, clean_env, free_port, postgres_answers
 
 from perfagent.db.loops import loop_ranges
 
@@ -86,17 +86,6 @@ def async_app(request, tmp_path_factory):
     server.stop()
 
 
-def _postgres_answers() -> bool:
-    try:
-        import asyncpg  # noqa: F401
-        import psycopg
-
-        with psycopg.connect(PG_DSN, connect_timeout=2):
-            return True
-    except Exception:
-        return False
-
-
 @pytest.mark.parametrize(
     ("path", "name"),
     [
@@ -108,7 +97,7 @@ def _postgres_answers() -> bool:
         pytest.param(
             "/pg/asyncpg-loop",
             "asyncpg-comprehension",
-            marks=pytest.mark.skipif(not _postgres_answers(), reason="no PostgreSQL"),
+            marks=pytest.mark.skipif(not postgres_answers(PG_DSN), reason="no PostgreSQL answers"),
         ),
     ],
 )

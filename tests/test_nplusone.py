@@ -10,23 +10,13 @@ import sys
 import time
 
 import pytest
-from helpers import APPS, PERFAGENT, Server, clean_env, free_port, scrape
+from helpers import APPS, PERFAGENT, Server, clean_env, free_port, postgres_answers, scrape
 
 PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 FINDINGS = ("n_plus_one", "duplicate_query")
 
 
-def _postgres_answers() -> bool:
-    try:
-        import psycopg
-
-        with psycopg.connect(PG_DSN, connect_timeout=2):
-            return True
-    except Exception:
-        return False
-
-
-PG_UP = _postgres_answers()
+PG_UP = postgres_answers(PG_DSN)
 needs_pg = pytest.mark.skipif(not PG_UP, reason=f"no PostgreSQL answers at {PG_DSN}")
 
 
